@@ -1,0 +1,190 @@
+"""Conversion between our canonical parameters and Hugging Face `transformers` models.
+
+Two families map exactly:
+- GPT-2 (`GPT2LMHeadModel`): LayerNorm, learned positions, tanh-GELU MLP, biases. Its linear
+  layers are `Conv1D`, stored [in, out] (the transpose of ours), and Q, K, V are one fused
+  `c_attn` of width 3*D, which we split.
+- LLaMA (`LlamaForCausalLM`): RMSNorm, RoPE (rotate-half, the same layout as ours, so no
+  permutation), SwiGLU, grouped-query attention. Names map one to one.
+
+`to_transformers(model_or_state, config)` builds the HF model; `from_transformers(hf_model)`
+returns (ModelConfig, canonical state dict). Requires the `hf` extra.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.config import ModelConfig
+
+
+def family(config: ModelConfig) -> str:
+    """'gpt2' or 'llama' if the config is exactly representable by that HF class, else ValueError."""
+    gpt2 = dict(norm="layernorm", positions="learned", mlp="gelu", bias=True)
+    llama = dict(norm="rmsnorm", positions="rope", mlp="swiglu")
+    if all(getattr(config, k) == v for k, v in gpt2.items()) and config.n_kv_heads == config.n_heads:
+        return "gpt2"
+    if all(getattr(config, k) == v for k, v in llama.items()):
+        return "llama"
+    raise ValueError(
+        "only GPT-2 style (layernorm, learned positions, gelu, bias=true, n_kv_heads == n_heads) and "
+        "LLaMA style (rmsnorm, rope, swiglu) configs convert to transformers; got "
+        f"norm={config.norm}, positions={config.positions}, mlp={config.mlp}, bias={config.bias}"
+    )
+
+
+def hf_config(config: ModelConfig):
+    """The transformers config object describing the same shape."""
+    import transformers
+
+    common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings)
+    if family(config) == "gpt2":
+        return transformers.GPT2Config(
+            n_positions=config.max_seq_len, n_embd=config.d_model, n_layer=config.n_layers,
+            n_head=config.n_heads, n_inner=config.d_ff, activation_function="gelu_new",
+            layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout, **common,
+            # GPT-2's <|endoftext|> is id 50256; a smaller vocabulary has no such token.
+            **({} if config.vocab_size > 50256 else dict(bos_token_id=None, eos_token_id=None)),
+        )
+    return transformers.LlamaConfig(
+        hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=config.bias, mlp_bias=config.bias, hidden_act="silu",
+        attention_dropout=config.dropout, head_dim=config.head_dim, **common,
+    )
+
+
+def _gpt2_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
+    for i in range(config.n_layers):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"] for n in "qkv"], 0).T
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in "qkv"], 0)
+        for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+            out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T  # Conv1D stores [in, out]
+            out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = sd[b + ours + ".weight"], sd[b + ours + ".bias"]
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+    out["lm_head.weight"] = sd.get("lm_head.weight", sd["tok_emb.weight"])
+    return out
+
+
+def _gpt2_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {"tok_emb.weight": hf["transformer.wte.weight"], "pos_emb.weight": hf["transformer.wpe.weight"]}
+    D = config.d_model
+    for i in range(config.n_layers):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        w, bias = hf[h + "attn.c_attn.weight"].T, hf[h + "attn.c_attn.bias"]  # (3D, D), (3D,)
+        for j, n in enumerate("qkv"):
+            sd[b + f"attn.{n}.weight"], sd[b + f"attn.{n}.bias"] = w[j * D:(j + 1) * D], bias[j * D:(j + 1) * D]
+        for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+            sd[b + ours + ".weight"], sd[b + ours + ".bias"] = hf[h + theirs + ".weight"].T, hf[h + theirs + ".bias"]
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            sd[b + ours + ".weight"], sd[b + ours + ".bias"] = hf[h + theirs + ".weight"], hf[h + theirs + ".bias"]
+    sd["norm.weight"], sd["norm.bias"] = hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"]
+    if not config.tie_embeddings:
+        sd["lm_head.weight"] = hf["lm_head.weight"]
+    return sd
+
+
+# canonical suffix within a block <-> LLaMA suffix within a decoder layer (one to one)
+_LLAMA_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+    **{f"attn.{n}.{p}": f"self_attn.{n}_proj.{p}" for n in "qkvo" for p in ("weight", "bias")},
+    **{f"mlp.{n}.{p}": f"mlp.{n}_proj.{p}" for n in ("gate", "up", "down") for p in ("weight", "bias")},
+}
+_LLAMA_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+
+
+def _llama_name(name: str) -> str:
+    if name in _LLAMA_TOP:
+        return _LLAMA_TOP[name]
+    _, i, rest = name.split(".", 2)  # blocks.{i}.{rest}
+    return f"model.layers.{i}.{_LLAMA_BLOCK[rest]}"
+
+
+def to_transformers(model_or_state, config: ModelConfig | None = None):
+    """Our Transformer (or a canonical state dict plus its config) -> an HF model with the same weights."""
+    import transformers
+
+    if config is None:
+        config = model_or_state.config
+    sd = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
+    kind = family(config)
+    if kind == "gpt2":
+        hf_sd, cls = _gpt2_to_hf(sd, config), transformers.GPT2LMHeadModel
+    else:
+        hf_sd, cls = {_llama_name(k): v for k, v in sd.items()}, transformers.LlamaForCausalLM
+        if config.tie_embeddings:
+            hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
+    hf_model = cls(hf_config(config)).eval()
+    missing, unexpected = hf_model.load_state_dict({k: v.contiguous() for k, v in hf_sd.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"conversion to {cls.__name__} left missing={missing} unexpected={unexpected}")
+    return hf_model
+
+
+def config_from_hf(hf_config_obj) -> ModelConfig:
+    """transformers GPT2Config / LlamaConfig -> ModelConfig."""
+    c = hf_config_obj
+    if c.model_type == "gpt2":
+        return ModelConfig(
+            vocab_size=c.vocab_size, max_seq_len=c.n_positions, d_model=c.n_embd, n_layers=c.n_layer,
+            n_heads=c.n_head, d_ff=c.n_inner or 4 * c.n_embd, norm="layernorm", norm_eps=c.layer_norm_epsilon,
+            positions="learned", mlp="gelu", bias=True, tie_embeddings=bool(c.tie_word_embeddings),
+        )
+    if c.model_type == "llama":
+        rope = getattr(c, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
+        head_dim = getattr(c, "head_dim", None)
+        if head_dim is not None and head_dim != c.hidden_size // c.num_attention_heads:
+            raise ValueError("LLaMA configs with head_dim != hidden_size / num_attention_heads are not supported")
+        return ModelConfig(
+            vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, d_model=c.hidden_size,
+            n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
+            d_ff=c.intermediate_size, norm="rmsnorm", norm_eps=c.rms_norm_eps, positions="rope",
+            rope_theta=float(theta), mlp="swiglu", bias=bool(c.attention_bias), tie_embeddings=bool(c.tie_word_embeddings),
+        )
+    raise ValueError(f"unsupported transformers model_type {c.model_type!r} (gpt2 and llama convert)")
+
+
+def from_transformers(hf_model) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """An HF GPT2LMHeadModel / LlamaForCausalLM -> (ModelConfig, canonical state dict)."""
+    config = config_from_hf(hf_model.config)
+    hf_sd = hf_model.state_dict()
+    if config.positions == "learned":
+        sd = _gpt2_from_hf(hf_sd, config)
+    else:
+        sd = {name: hf_sd[_llama_name(name)] for name in _canonical_llama_names(config)}
+    return config, {k: v.detach().clone() for k, v in sd.items()}
+
+
+def _canonical_llama_names(config: ModelConfig) -> list[str]:
+    names = ["tok_emb.weight", "norm.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    for i in range(config.n_layers):
+        names += [f"blocks.{i}.{k}" for k in _LLAMA_BLOCK if config.bias or not k.endswith(".bias")]
+    return names
+
+
+def load_pretrained(path: str):
+    """Load a local HF checkpoint directory (config.json + safetensors) into our Transformer.
+
+    Only safetensors weights are read (no pickle): transformers is asked for `use_safetensors=True`.
+    """
+    import transformers
+
+    from minillm.torch.model import Transformer
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    config, sd = from_transformers(hf_model)
+    model = Transformer(config)
+    model.load_state_dict(sd)
+    return model
