@@ -140,3 +140,27 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
     )
+
+
+# --- run directory <-> model ----------------------------------------------------------------------
+def model_params(model: Transformer) -> dict:
+    """Canonical name -> float32 numpy array (what minillm.checkpoint writes)."""
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def model_from_params(config: ModelConfig, params: dict, device: str | torch.device = "cpu") -> Transformer:
+    """Build a Transformer and load canonical params (numpy arrays or tensors) into it."""
+    from minillm.checkpoint import check_params
+
+    check_params(config, params)
+    model = Transformer(config)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+    return model.to(device)
+
+
+def load_model(run_dir, device: str | torch.device = "cpu"):
+    """run directory -> (Transformer in eval mode, tokenizer or None)."""
+    from minillm.checkpoint import load_run
+
+    config, tokenizer, params = load_run(run_dir)
+    return model_from_params(config, params, device).eval(), tokenizer

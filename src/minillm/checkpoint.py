@@ -1,0 +1,175 @@
+"""Run directories and checkpoints, framework-neutral (numpy arrays, safetensors, JSON; no pickle).
+
+A run directory holds
+  config.json          {"model": ModelConfig fields, "train": TrainConfig fields, ...}
+  tokenizer.json       the tokenizer (minillm.tokenizer.load_tokenizer reads it)
+  model.safetensors    canonical parameter names -> float32 arrays, PyTorch shapes
+  trainer_state.json / trainer_state.safetensors   written by the trainers (optimizer, RNG, data)
+  metrics.jsonl, loss.png, best/
+Every write goes to a temporary file that is then renamed over the target, so a crash at any
+moment leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minillm.config import ModelConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, or does not fit the expected model."""
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+
+
+# --- tensors ---------------------------------------------------------------------------------------
+def save_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.numpy import save
+
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    atomic_write_bytes(path, save(arrays, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return load(path.read_bytes())
+    except Exception as e:  # safetensors raises its own error type for a truncated header/body
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical parameter name of this config and its shape (DESIGN.md)."""
+    c, D, kv = config, config.d_model, config.n_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (c.vocab_size, D), "norm.weight": (D,)}
+    if c.positions == "learned":
+        shapes["pos_emb.weight"] = (c.max_seq_len, D)
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, D)
+    norm_bias = c.norm == "layernorm" and c.bias
+    if norm_bias:
+        shapes["norm.bias"] = (D,)
+    linears = {"attn.q": (D, D), "attn.k": (kv, D), "attn.v": (kv, D), "attn.o": (D, D),
+               "mlp.up": (c.d_ff, D), "mlp.down": (D, c.d_ff)}
+    if c.mlp == "swiglu":
+        linears["mlp.gate"] = (c.d_ff, D)
+    for i in range(c.n_layers):
+        for name, shape in linears.items():
+            shapes[f"blocks.{i}.{name}.weight"] = shape
+            if c.bias:
+                shapes[f"blocks.{i}.{name}.bias"] = (shape[0],)
+        for norm in ("attn_norm", "mlp_norm"):
+            shapes[f"blocks.{i}.{norm}.weight"] = (D,)
+            if norm_bias:
+                shapes[f"blocks.{i}.{norm}.bias"] = (D,)
+    return shapes
+
+
+def check_params(config: ModelConfig, params: dict[str, Any], source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless params has exactly the names and shapes this config needs."""
+    expected = canonical_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    wrong = [f"{k}: {tuple(params[k].shape)} != {expected[k]}" for k in expected
+             if k in params and tuple(params[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                 f"wrong shapes {wrong[:5]}" if wrong else ""]
+        raise CheckpointError(
+            f"{source} does not match the model config (another architecture?): " + "; ".join(p for p in parts if p)
+        )
+
+
+# --- the model part of a run directory -------------------------------------------------------------
+def save_model(run_dir: str | Path, config: ModelConfig, params: dict[str, np.ndarray], extra_config: dict | None = None) -> None:
+    """Write config.json and model.safetensors (float32, canonical names) into run_dir."""
+    run_dir = Path(run_dir)
+    check_params(config, params, "parameters to save")
+    save_tensors(run_dir / MODEL_FILE, {k: np.asarray(v, dtype=np.float32) for k, v in params.items()},
+                 metadata={"format": "minillm-1"})
+    atomic_write_json(run_dir / CONFIG_FILE, {"model": config.to_dict(), **(extra_config or {})})
+
+
+def load_config(run_dir: str | Path) -> ModelConfig:
+    d = read_json(Path(run_dir) / CONFIG_FILE)
+    try:
+        return ModelConfig.from_dict(d["model"] if "model" in d else d)
+    except ValueError as e:
+        raise CheckpointError(f"{Path(run_dir) / CONFIG_FILE}: {e}") from None
+
+
+def load_model(run_dir: str | Path, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, params) from run_dir; if `config` is given the weights must fit it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    config = config or load_config(run_dir)
+    params = load_tensors(run_dir / MODEL_FILE)
+    check_params(config, params, str(run_dir / MODEL_FILE))
+    return config, params
+
+
+def save_run(run_dir: str | Path, config: ModelConfig, tokenizer, params: dict[str, np.ndarray],
+             extra_config: dict | None = None) -> None:
+    """A self-contained run directory: config, tokenizer and weights."""
+    if tokenizer is not None:
+        tokenizer.save(Path(run_dir) / TOKENIZER_FILE)
+    save_model(run_dir, config, params, extra_config)
+
+
+def load_run(run_dir: str | Path):
+    """run directory -> (ModelConfig, tokenizer or None, params as numpy arrays)."""
+    config, params = load_model(run_dir)
+    tok_path = Path(run_dir) / TOKENIZER_FILE
+    tokenizer = None
+    if tok_path.is_file():
+        from minillm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_path)
+    return config, tokenizer, params

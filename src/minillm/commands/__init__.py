@@ -1,0 +1,1 @@
+"""Subcommands of the `minillm` CLI, one module each (see minillm.cli)."""
