@@ -134,6 +134,96 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the data itself. Batches are global: batch_size
+    sequences per optimizer step, split into grad_accum micro-steps and across ranks."""
+
+    data_dir: str = "data/shakespeare-char"
+    out_dir: str = "runs/shakespeare-char"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    backend: str = "torch"
+    # batching
+    batch_size: int = 12
+    block_size: int = 64
+    grad_accum: int = 1
+    # budget: the run stops at whichever comes first
+    max_steps: int = 2000
+    max_tokens: int | None = None
+    max_time: float | None = None  # seconds of training (evaluation excluded)
+    # AdamW
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global norm; 0 turns clipping off
+    # schedule: linear warmup, then cosine to min_lr | constant | warmup-stable-decay
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_frac: float = 0.2  # wsd: fraction of max_steps spent decaying to min_lr
+    # evaluation, checkpoints, logs
+    eval_interval: int = 250
+    eval_batches: int = 20
+    checkpoint_interval: int | None = None  # default: every eval
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto = cuda > mps > cpu
+    dtype: str = "auto"  # auto = bf16 autocast where supported, fp16 + GradScaler where not, else fp32
+    compile: bool = False
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = model_config_from_table(self.model)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_batches", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.block_size > self.model.max_seq_len:
+            raise ValueError(f"TrainConfig.block_size ({self.block_size}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        for name, choices in (("schedule", ("cosine", "constant", "wsd")), ("backend", ("torch", "jax")),
+                              ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ValueError(f"TrainConfig.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise ValueError(f"TrainConfig.decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.eval_interval < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("TrainConfig.eval_interval, grad_clip and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def model_config_from_table(d: dict[str, Any]) -> ModelConfig:
+    """A [model] table: ModelConfig keys, optionally `preset = "name"` as the starting point."""
+    d = dict(d)
+    preset = d.pop("preset", None)
+    return ModelConfig.preset(preset, **d) if preset else ModelConfig.from_dict(d)
+
+
+def train_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Top-level TrainConfig keys plus a [model] table; `model.x=...` overrides reach the table."""
+    d = {**d, "model": dict(d.get("model", {}))}
+    for key, value in parse_overrides(overrides or []).items():
+        if key.startswith("model."):
+            d["model"][key[len("model."):]] = value
+        else:
+            d[key] = value
+    d["model"] = model_config_from_table(d["model"])
+    return from_dict(TrainConfig, d)
+
+
 # --- generic dataclass <-> dict / TOML / overrides (shared by every config class) ---------------
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
     """Build dataclass `cls` from a dict; unknown keys are an error that names them."""
@@ -159,7 +249,7 @@ def _coerce(owner: str, key: str, value: Any, hint: Any) -> Any:
             return value
         if t in (int, str) and isinstance(value, t) and not isinstance(value, bool):
             return value
-        if typing.get_origin(t) is list and isinstance(value, list):
+        if t is ModelConfig and isinstance(value, ModelConfig):
             return value
     names = [getattr(t, "__name__", str(t)) for t in allowed]
     raise ValueError(f"{owner}.{key} must be {' or '.join(names)}, got {value!r}")
@@ -198,8 +288,24 @@ def model_config_from_toml(path: str | Path, overrides: list[str] | None = None)
     """A TOML file holding ModelConfig keys (optionally `preset = "name"` as the starting point)."""
     d = load_toml(path)
     d.update(parse_overrides(overrides or []))
-    preset = d.pop("preset", None)
-    return ModelConfig.preset(preset, **d) if preset else ModelConfig.from_dict(d)
+    return model_config_from_table(d)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A training TOML plus `--set` overrides. Unless the [model] table sets vocab_size, it is
+    taken from the prepared data (data_dir/meta.json), so a config works for any tokenizer."""
+    d = load_toml(path)
+    probe = train_config_from_dict(d, overrides)  # validates keys before touching the data
+    model = dict(d.get("model", {}))
+    explicit = "vocab_size" in model or any(o.startswith("model.vocab_size=") for o in overrides or [])
+    meta = Path(probe.data_dir) / "meta.json"
+    if not explicit and meta.is_file():
+        try:
+            model["vocab_size"] = int(json.loads(meta.read_text(encoding="utf-8"))["vocab_size"])
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta}: cannot read vocab_size ({e}); re-run `minillm prepare`") from None
+        return train_config_from_dict({**d, "model": model}, overrides)
+    return probe
 
 
 def model_config_from_json(path: str | Path) -> ModelConfig:
@@ -211,6 +317,7 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
 
 
 __all__ = [
-    "ModelConfig", "MODEL_PRESETS", "from_dict", "parse_overrides", "parse_value", "load_toml",
+    "ModelConfig", "TrainConfig", "MODEL_PRESETS", "train_config_from_dict", "model_config_from_table",
+    "load_train_config", "from_dict", "parse_overrides", "parse_value", "load_toml",
     "model_config_from_toml", "model_config_from_json",
 ]

@@ -1,0 +1,113 @@
+"""What a PyTorch training checkpoint holds, and how it is written and read back exactly.
+
+One file is the unit of resume: `trainer_state.safetensors` holds the model weights, AdamW's
+moments and the RNG states as tensors, and every scalar (step, tokens seen, data-loader
+position, best val loss, ...) as JSON in its header. It is written atomically, so a kill at any
+moment leaves the previous complete checkpoint. `trainer_state.json` mirrors the scalars for
+people to read; `model.safetensors` is the latest weights for sampling and export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minillm import checkpoint
+from minillm.checkpoint import CheckpointError
+
+STATE_FILE = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Names of parameters with and without weight decay: decay matrices (Q, K, V, O, MLP, an
+    untied head); not embeddings, norm gains or biases. A tied embedding appears once."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # named_parameters() yields a shared tensor once
+        is_embedding = name in ("tok_emb.weight", "pos_emb.weight")
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(name)
+    return decay, no_decay
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float):
+    """AdamW (Loshchilov & Hutter 2019) with two parameter groups; returns (optimizer, names in
+    optimizer order) so checkpoints can store the moments under canonical names."""
+    decay, no_decay = decay_split(model)
+    params = dict(model.named_parameters())
+    groups = [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return opt, decay + no_decay
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    rng = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalars: dict[str, Any]) -> None:
+    """Write trainer_state.safetensors (atomic; the resume point), its JSON mirror and model.safetensors."""
+    run_dir = Path(run_dir)
+    tensors: dict[str, np.ndarray] = {}
+    params = model.state_dict()
+    for name, value in params.items():
+        tensors[f"model.{name}"] = value.detach().float().cpu().numpy()
+    opt_state = opt.state_dict()["state"]
+    steps = {}
+    for i, name in enumerate(names):
+        if i in opt_state:
+            tensors[f"adam.exp_avg.{name}"] = opt_state[i]["exp_avg"].float().cpu().numpy()
+            tensors[f"adam.exp_avg_sq.{name}"] = opt_state[i]["exp_avg_sq"].float().cpu().numpy()
+            steps[name] = float(opt_state[i]["step"])
+    for key, value in _rng_tensors().items():
+        tensors[key] = value.cpu().numpy()
+    scalars = {**scalars, "adam_steps": steps}
+    checkpoint.save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
+    checkpoint.atomic_write_json(run_dir / STATE_JSON, scalars)
+    checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, {k: v for k, v in
+                            ((n[len("model."):], t) for n, t in tensors.items() if n.startswith("model."))},
+                            metadata={"format": "minillm-1"})
+
+
+def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, scalars) of the resume point; CheckpointError if absent or damaged."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path} does not exist")
+    from safetensors import safe_open
+
+    tensors = checkpoint.load_tensors(path)  # raises CheckpointError on a truncated file
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if "scalars" not in meta:
+        raise CheckpointError(f"{path} has no trainer scalars (not a minillm trainer state?)")
+    return tensors, json.loads(meta["scalars"])
+
+
+def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.ndarray], scalars: dict, config) -> None:
+    """Load weights, AdamW moments and RNG states saved by save_trainer_state."""
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    checkpoint.check_params(config, weights, f"trainer state ({STATE_FILE})")
+    device = next(model.parameters()).device
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    state = {}
+    for i, name in enumerate(names):
+        if f"adam.exp_avg.{name}" in tensors:
+            state[i] = {
+                "step": torch.tensor(scalars["adam_steps"][name], dtype=torch.float32),
+                "exp_avg": torch.from_numpy(tensors[f"adam.exp_avg.{name}"]).to(device),
+                "exp_avg_sq": torch.from_numpy(tensors[f"adam.exp_avg_sq.{name}"]).to(device),
+            }
+    opt_sd = opt.state_dict()
+    opt.load_state_dict({"state": state, "param_groups": opt_sd["param_groups"]})
+    torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
+    cuda_states = [torch.from_numpy(tensors[f"rng.cuda.{i}"]) for i in range(torch.cuda.device_count())
+                   if f"rng.cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
