@@ -4,27 +4,41 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # torch==2.13.0 is a CPU build on this project's machines; other versions download GBs.
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+BASE   := $(VENV)/.installed-base
+FULL   := $(VENV)/.installed-full
+DEMO_CONFIG ?= configs/shakespeare-char-cpu.toml
 
 .PHONY: setup test test-slow demo bench clean
 
-$(STAMP): pyproject.toml Makefile
+# The package and its runtime dependencies: enough for `make demo`.
+$(BASE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Plus the extras the tests compare against: transformers/tokenizers (hf), jax/optax, pytest.
+$(FULL): $(BASE)
 	$(PY) -m pip install --quiet -e ".[dev,hf,jax]"
-	touch $(STAMP)
+	touch $@
 
-setup: $(STAMP)
+setup: $(FULL)
 
-test: $(STAMP)
+test: $(FULL)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(FULL)
 	$(PY) -m pytest -q -m slow
 
-demo: $(STAMP)
-	@echo "make demo: not yet - training lands with the training issue (see README)."
+# Fetch the built-in Shakespeare corpus, train a character-level model on the CPU, sample from it.
+demo: $(BASE)
+	$(PY) -m minillm.cli prepare --source shakespeare --tokenizer char --out data/shakespeare-char
+	$(PY) -m minillm.cli train --config $(DEMO_CONFIG)
+	$(PY) -m minillm.cli sample --run runs/shakespeare-char-cpu --prompt "ROMEO:" --max-new-tokens 500 --seed 1
+
+bench: $(FULL)
+	@echo "benchmarks: see BENCHMARKS.md for each script's command"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
