@@ -1,0 +1,80 @@
+"""Export to Hugging Face `tokenizers`: the exported tokenizer.json gives our ids on any text."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from test_tokenizer_strategies import random_unicode, unicode_text
+
+from minillm.data.sources import shakespeare_files
+from minillm.tokenizer import load_tokenizer
+from minillm.tokenizer.bpe import BPETokenizer
+from minillm.tokenizer.char import CharTokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    return "".join(p.read_text(encoding="utf-8") for p in shakespeare_files())
+
+
+@pytest.fixture(scope="module")
+def exported(corpus: str, tmp_path_factory):
+    """Ours, trained on the first 1 MB of Shakespeare plus random Unicode, and its HF twin."""
+    ours = BPETokenizer().train([corpus[: 1 << 20], random_unicode(5000, seed=5)], 1024)
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    ours.save_hf(path)
+    return ours, tokenizers.Tokenizer.from_file(str(path)), path
+
+
+def test_same_ids_on_whole_shakespeare(exported, corpus: str) -> None:
+    ours, hf, _ = exported
+    assert ours.encode(corpus) == hf.encode(corpus).ids
+
+
+def test_same_ids_on_random_unicode(exported) -> None:
+    ours, hf, _ = exported
+    for seed in range(20):
+        text = random_unicode(2000, seed=100 + seed)  # contains "<|eos|>" (see test_same_ids_on_any_text)
+        assert ours.encode(text, allowed_special="all") == hf.encode(text).ids
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=unicode_text)
+def test_same_ids_on_any_text(exported, text: str) -> None:
+    ours, hf, _ = exported
+    # Special-token strings: HF always splits them out (documented difference), ours when allowed.
+    assert ours.encode(text, allowed_special="all") == hf.encode(text).ids
+    assert hf.decode(hf.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_gpt2_pattern_exports_too(corpus: str, tmp_path) -> None:
+    ours = BPETokenizer("gpt2").train(corpus[:200_000], 700)
+    ours.save_hf(tmp_path / "t.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "t.json"))
+    text = corpus[-100_000:] + random_unicode(3000, seed=6)
+    assert ours.encode(text, allowed_special="all") == hf.encode(text).ids
+
+
+def test_special_tokens_single_ids_in_hf_only_when_allowed_in_ours(exported) -> None:
+    ours, hf, _ = exported
+    text = "<|system|>Be brief.<|user|>Hi<|assistant|>Hello<|eos|>"
+    allowed = ours.encode(text, allowed_special="all")
+    assert allowed == hf.encode(text).ids and len([i for i in allowed if i >= 256 + len(ours.merges)]) == 4
+    assert ours.encode(text) != allowed and ours.decode(ours.encode(text)) == text
+
+
+def test_load_hf_file_back(exported) -> None:
+    ours, _, path = exported
+    for loaded in (BPETokenizer.load(path), load_tokenizer(path)):
+        assert loaded.merges == ours.merges and loaded.special_tokens == ours.special_tokens
+        assert loaded.pattern == ours.pattern
+
+
+def test_char_tokenizer_exports(corpus: str, tmp_path) -> None:
+    ours = CharTokenizer().train(corpus[:100_000])
+    ours.save_hf(tmp_path / "c.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "c.json"))
+    text = corpus[:20_000] + "<|eos|>"
+    assert ours.encode(text, allowed_special="all") == hf.encode(text).ids
