@@ -1,0 +1,144 @@
+"""The model's forward pass repacked for inference: the fast path that generation runs on.
+
+Same mathematics as `Transformer.forward` (tests compare the two to 1e-5), arranged for speed:
+- Q, K and V are one fused matrix, SwiGLU's gate and up are one fused matrix, so each layer does
+  fewer, larger matrix products.
+- Weights are stored [in, out] and applied with `addmm`: for a single token (a matrix-vector
+  product) MKL streams this layout ~1.5-2x faster than `F.linear` on [out, in] on CPU.
+- Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
+  most of a tiny model's decode step).
+- Keys/values are written into the caches at explicit slots (`index_copy_`) and attention runs
+  over the whole preallocated buffer under a mask, so a decode step has the same shapes every
+  time: exactly what `torch.compile` needs to compile it once.
+
+The packed weights share nothing with the model: rebuild (`PackedModel(model)`) after training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.torch.layers import rotate_half
+
+
+def _fused(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate linear layers along their outputs; weight as [in, out], bias (out,) or None."""
+    w = torch.cat([lin.weight.detach() for lin in linears], dim=0).t().contiguous()
+    b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears]).contiguous()
+    return w, b
+
+
+def _norm(x: torch.Tensor, kind: str, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm or RMSNorm over the last axis (the same formulas as minillm.torch.layers)."""
+    if kind == "rmsnorm":
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return F.layer_norm(x, w.shape, w, b, eps)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (N, in) @ w (in, out) + b -> (N, out)."""
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+
+
+class PackedBlock(nn.Module):
+    """One Transformer block's weights, fused and transposed. Buffers, so compile can freeze them."""
+
+    def __init__(self, block, config):
+        super().__init__()
+        self.norm_kind, self.eps, self.mlp_kind = config.norm, config.norm_eps, config.mlp
+        for name in ("attn_norm", "mlp_norm"):
+            norm = getattr(block, name)
+            self.register_buffer(f"{name}_w", norm.weight.detach().clone())
+            self.register_buffer(f"{name}_b", None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
+        attn, mlp = block.attn, block.mlp
+        for name, (w, b) in {"qkv": _fused(attn.q, attn.k, attn.v), "o": _fused(attn.o),
+                             "up": _fused(mlp.gate, mlp.up) if config.mlp == "swiglu" else _fused(mlp.up),
+                             "down": _fused(mlp.down)}.items():
+            self.register_buffer(f"{name}_w", w)
+            self.register_buffer(f"{name}_b", b)
+
+    def norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        return _norm(x, self.norm_kind, getattr(self, f"{which}_w"), getattr(self, f"{which}_b"), self.eps)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D)."""
+        h = _linear(x, self.up_w, self.up_b)  # (N, F) or (N, 2F) = [gate | up]
+        if self.mlp_kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return _linear(h, self.down_w, self.down_b)
+
+
+class PackedModel(nn.Module):
+    """A Transformer's weights laid out for inference, and its cached forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        c = self.config = model.config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.manual_attention = False  # True inside torch.compile, where written-out attention fuses
+        self.register_buffer("tok_emb", model.tok_emb.weight.detach().clone())
+        pos = {"learned": lambda: model.pos_emb.weight, "sinusoidal": lambda: model.sin_table}.get(c.positions)
+        self.register_buffer("pos_table", None if pos is None else pos().detach().clone())
+        rope = c.positions == "rope"
+        self.register_buffer("rope_cos", model.rope_cos.clone() if rope else None)
+        self.register_buffer("rope_sin", model.rope_sin.clone() if rope else None)
+        self.blocks = nn.ModuleList(PackedBlock(b, c) for b in model.blocks)
+        self.register_buffer("norm_w", model.norm.weight.detach().clone())
+        self.register_buffer("norm_b", None if getattr(model.norm, "bias", None) is None else model.norm.bias.detach().clone())
+        self.register_buffer("head_w", model.lm_head.weight.detach().t().contiguous())  # (D, V)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True) -> torch.Tensor:
+        """One cached step over T new tokens per row.
+
+        tokens, positions (B, T); slots (T,) cache slots the new keys/values go to; mask
+        (B, 1, T, S) bool over all S cache slots (True = attend); k_caches/v_caches: per layer
+        (B, K, S, hd), written in place. Returns logits (B, V) for the last token, else (B, T, V).
+        """
+        B, T = tokens.shape
+        x = self.tok_emb[tokens]  # (B, T, D)
+        if self.pos_table is not None:
+            x = x + self.pos_table[positions]
+        rope = None
+        if self.rope_cos is not None:
+            rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+        x = x.view(B * T, -1)  # (N, D): every linear layer sees a plain matrix
+        for blk, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
+            h = self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, mask, k_cache, v_cache)
+            x = x + h
+            x = x + blk.mlp(blk.norm(x, "mlp_norm"))
+        if last_only:
+            x = x.view(B, T, -1)[:, -1]  # (B, D)
+        logits = _norm(x, self.config.norm, self.norm_w, self.norm_b, self.config.norm_eps) @ self.head_w  # (B, V) or (N, V)
+        return logits if last_only else logits.view(B, T, -1)
+
+    def attention(self, blk: PackedBlock, x: torch.Tensor, B: int, T: int, rope, slots, mask,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> (N, D): fused QKV, RoPE, cache write, grouped-query attention, output projection."""
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = _linear(x, blk.qkv_w, blk.qkv_b).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H+2K, T, hd)
+        q, k, v = qkv.split([H, K, K], dim=1)
+        if rope is not None:
+            cos, sin = rope
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k_cache.index_copy_(2, slots, k)  # (B, K, S, hd)
+        v_cache.index_copy_(2, slots, v)
+        # Grouped-query attention without copying K/V: query heads j*G .. j*G+G-1 share K/V head j,
+        # so fold each group into the query axis: (B, H, T, hd) -> (B, K, G*T, hd).
+        G = H // K
+        q = q.reshape(B, K, G * T, hd)
+        m = mask if G == 1 else mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * T, -1)
+        if self.manual_attention:
+            scores = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, K, G*T, S)
+            y = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1) @ v_cache
+        else:
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=m)  # (B, K, G*T, hd)
+        y = y.view(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)  # (N, D)
+        return _linear(y, blk.o_w, blk.o_b)

@@ -1,0 +1,293 @@
+"""Autoregressive generation with a KV cache: prefill the prompt once, then decode token by token.
+
+    prefill:  the whole (left-padded) prompt in one forward pass (or in chunks) fills the caches
+              and gives the logits of the first new token.
+    decode:   one token per row per step; its keys/values join the caches, its logits pick the
+              next token (minillm.torch.sampling: greedy, temperature, top-k, top-p, min-p, ...).
+
+Batched prompts of different lengths are left-padded: row b's pad slots are masked out of every
+attention and its positions start at 0 at its first real token, so each row computes what it
+would compute alone. `generate` returns ids; `generate_stream` yields them one by one and
+`stream_text` yields text through the tokenizer's streaming decoder.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from minillm.torch.decode import PackedModel
+from minillm.torch.kv_cache import make_caches
+from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next
+
+_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, Decoder)
+
+
+# --- the packed model, built once per set of weights ------------------------------------------------
+class Decoder:
+    """A model's PackedModel plus the function a decode step calls (compiled when asked)."""
+
+    def __init__(self, model, compile: bool = False):
+        self.packed = PackedModel(model).eval()
+        self.step = self.packed  # prefill (any T) always runs eager
+        self.decode_step = self.packed
+        if compile:
+            self.decode_step = compile_decoder(self.packed)
+
+
+def compile_decoder(packed: PackedModel):
+    """torch.compile the decode step: max-autotune (C++ micro-GEMMs for the matrix-vector
+    products), fullgraph, and frozen weights (constants folded into the graph), the setting that
+    measured fastest on CPU (see docs/BENCHMARKS). Compiles on first call, per batch/cache shape."""
+    import torch._inductor.config as inductor_config
+
+    packed.manual_attention = True  # written-out attention fuses into the compiled graph
+    inductor_config.freezing = True
+    return torch.compile(packed, fullgraph=True,
+                         options={"max_autotune": True, "coordinate_descent_tuning": True})
+
+
+def get_decoder(model, compile: bool = False) -> Decoder:
+    """The Decoder of `model`, rebuilt only when its weights changed (training, load_state_dict)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    fingerprint = (compile, tuple((t.data_ptr(), t._version) for t in tensors))
+    cached = _PACKED.get(model)
+    if cached is None or cached[0] != fingerprint:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (fingerprint, Decoder(model, compile))
+        _PACKED[model] = cached
+    return cached[1]
+
+
+# --- one batch of sequences being generated -------------------------------------------------------
+@dataclass
+class Sequences:
+    """The state of B rows: caches, which cache slots hold real tokens, and each row's tokens."""
+
+    decoder: Decoder
+    max_len: int  # cache slots
+    histories: list[list[int]]  # each row's real tokens so far (prompt + generated)
+    vocab_size: int
+    track_seen: bool = False
+    k_caches: list[torch.Tensor] = field(default_factory=list)
+    v_caches: list[torch.Tensor] = field(default_factory=list)
+
+    def prefill(self, chunk_size: int | None = None) -> torch.Tensor:
+        """(Re)fill the caches with every row's history, left-padded. Returns next logits (B, V)."""
+        B, cfg = len(self.histories), self.decoder.packed.config
+        L = max(len(h) for h in self.histories)
+        caches = make_caches(cfg, B, self.max_len)
+        self.k_caches, self.v_caches = [c.k for c in caches], [c.v for c in caches]
+        self.pad = torch.tensor([L - len(h) for h in self.histories])  # (B,)
+        tokens = torch.tensor([[0] * (L - len(h)) + h for h in self.histories])  # (B, L)
+        slots = torch.arange(self.max_len)
+        self.valid = slots[None, :] >= self.pad[:, None]  # (B, S): slot holds a real token (once written)
+        self.positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, S) position of each slot
+        self.slots = slots
+        if self.track_seen:
+            self.seen = torch.zeros(B, self.vocab_size, dtype=torch.bool)
+            for b, h in enumerate(self.histories):
+                self.seen[b, h] = True
+        step = chunk_size or L
+        for start in range(0, L, step):
+            end = min(start + step, L)
+            causal = slots[None, :] <= slots[start:end, None]  # (T, S) bottom-right aligned
+            mask = (self.valid[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
+            logits = self.decoder.step(tokens[:, start:end], self.positions[:, start:end], slots[start:end],
+                                       mask, self.k_caches, self.v_caches)
+        self.length = L
+        return logits
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row, tokens (B,). Returns next logits (B, V)."""
+        s = self.length
+        for b, t in enumerate(tokens.tolist()):
+            self.histories[b].append(t)
+        if self.track_seen:
+            self.seen[torch.arange(len(tokens)), tokens] = True
+        mask = self.valid[:, None, None, :] & (self.slots <= s)  # (B, 1, 1, S)
+        logits = self.decoder.decode_step(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1],
+                                          mask, self.k_caches, self.v_caches)
+        self.length = s + 1
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (B',) in that order (beam search: the hypotheses that survive a step)."""
+        self.k_caches = [k.index_select(0, rows) for k in self.k_caches]
+        self.v_caches = [v.index_select(0, rows) for v in self.v_caches]
+        self.histories = [list(self.histories[r]) for r in rows.tolist()]
+        self.valid, self.positions = self.valid[rows], self.positions[rows]
+        if self.track_seen:
+            self.seen = self.seen[rows]
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.max_len
+
+
+# --- the decoding loop ---------------------------------------------------------------------------
+def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
+    """A prompt (list of ids / 1-D tensor) or a batch of them -> (list of lists, was_single)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if len(prompt_ids) and not isinstance(prompt_ids[0], (list, tuple)):
+        return [list(map(int, prompt_ids))], True
+    return [list(map(int, p)) for p in prompt_ids], False
+
+
+def _cache_length(model, prompts: list[list[int]], max_new_tokens: int, context_overflow: str) -> int:
+    """Cache slots needed; a clear error (or a sliding window when asked) past max_seq_len."""
+    if context_overflow not in ("error", "slide"):
+        raise ValueError(f"context_overflow must be 'error' or 'slide', got {context_overflow!r}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
+    longest, limit = max(len(p) for p in prompts), model.config.max_seq_len
+    if longest + max_new_tokens <= limit:
+        return longest + max_new_tokens
+    if context_overflow == "error":
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"max_seq_len={limit}; shorten the prompt, ask for fewer tokens, or use a sliding window "
+            f"(context_overflow='slide' / --sliding-window)"
+        )
+    return limit
+
+
+def _generators(seed, batch: int) -> list[torch.Generator] | None:
+    """One RNG per row: seed int -> every row seeded alike (as if generated alone); list -> per row."""
+    if seed is None:
+        return None
+    seeds = [seed] * batch if isinstance(seed, int) else list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} prompts")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+@torch.inference_mode()
+def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
+                stop_token_ids: Sequence[int] = (), seed=None, vocab_size: int | None = None,
+                context_overflow: str = "error", prefill_chunk_size: int | None = None,
+                compile: bool = False) -> Iterator[torch.Tensor]:
+    """The core loop: yields the next token of every row, (B,), once per step. Stops after
+    max_new_tokens steps or when every row has produced a stop token. (Finished rows keep
+    running in the batch; callers drop what follows their stop token.)"""
+    window = _cache_length(model, prompts, max_new_tokens, context_overflow)
+    seqs = Sequences(get_decoder(model, compile), window, [p[-window:] for p in prompts],
+                     model.config.vocab_size, track_seen=sampling.repetition_penalty not in (None, 1.0))
+    generators = _generators(seed, len(prompts))
+    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    logits = seqs.prefill(prefill_chunk_size)
+    for step in range(max_new_tokens):
+        logits = mask_padded_vocab(logits, vocab_size)
+        tokens = sample_next(logits, sampling, seqs.seen if seqs.track_seen else None, generators)  # (B,)
+        yield tokens
+        done |= torch.isin(tokens, stop)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        if seqs.full:  # sliding window: re-encode the last max_seq_len tokens of every row
+            for b, t in enumerate(tokens.tolist()):
+                seqs.histories[b] = (seqs.histories[b] + [t])[-window:]
+            logits = seqs.prefill(prefill_chunk_size)
+        else:
+            logits = seqs.decode(tokens)
+
+
+def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+             stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
+             seed: int | Sequence[int] | None = None, vocab_size: int | None = None, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping: bool | str = False, context_overflow: str = "error",
+             prefill_chunk_size: int | None = None, compile: bool = False):
+    """Generate up to max_new_tokens after a prompt, or after each prompt of a batch.
+
+    prompt_ids: list[int] / 1-D tensor -> returns list[int]; a list of prompts -> list[list[int]]
+    (only the new tokens; a row ends with the stop token or the token that completed a stop
+    string, when one came). temperature 0 is greedy; top_k / top_p / min_p / repetition_penalty
+    filter as in minillm.torch.sampling. stop_strings need `tokenizer`. seed: an int seeds every
+    row alike (row b equals generating that prompt alone), a list seeds row by row. vocab_size:
+    the tokenizer's vocabulary when the model's is padded. num_beams > 1: beam search
+    (minillm.torch.beam). context_overflow: "error" past max_seq_len, or "slide" to keep
+    conditioning on the last max_seq_len tokens. compile: torch.compile the decode step.
+    """
+    prompts, single = _as_batch(prompt_ids)
+    if num_beams > 1:
+        from minillm.torch.beam import beam_search
+
+        out = [beam_search(model, p, max_new_tokens, num_beams, length_penalty=length_penalty,
+                           early_stopping=early_stopping, eos_token_ids=stop_token_ids, vocab_size=vocab_size)
+               for p in prompts]
+        return out[0] if single else out
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    checkers = [StopChecker(tokenizer, stop_strings) for _ in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for tokens in token_steps(model, prompts, max_new_tokens, sampling, stop_token_ids, seed, vocab_size,
+                              context_overflow, prefill_chunk_size, compile):
+        for b, t in enumerate(tokens.tolist()):
+            if not done[b]:
+                out[b].append(t)
+                done[b] = t in stop_token_ids or checkers[b].push(t)
+        if all(done):
+            break
+    return out[0] if single else out
+
+
+def generate_stream(model, prompt_ids, max_new_tokens: int, **kwargs) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are produced (same options as generate)."""
+    stop_ids = kwargs.pop("stop_token_ids", ())
+    checker = StopChecker(kwargs.pop("tokenizer", None), kwargs.pop("stop_strings", ()))
+    sampling = SamplingConfig(*(kwargs.pop(k, d) for k, d in (("temperature", 1.0), ("top_k", None), ("top_p", None),
+                                                                ("min_p", None), ("repetition_penalty", None))))
+    prompts, _ = _as_batch(prompt_ids)
+    for tokens in token_steps(model, prompts[:1], max_new_tokens, sampling, stop_ids, **kwargs):
+        t = int(tokens[0])
+        yield t
+        if t in stop_ids or checker.push(t):
+            return
+
+
+def stream_text(model, tokenizer, prompt_ids, max_new_tokens: int, **kwargs) -> Iterator[str]:
+    """Yield text pieces of one prompt's continuation as they are produced. Stop tokens are not
+    shown, and the text is cut before any stop string (held back until it cannot start one)."""
+    stop_strings = list(kwargs.pop("stop_strings", ()))
+    stop_ids = set(kwargs.get("stop_token_ids", ()))
+    decoder, text, shown = tokenizer.stream_decoder(), "", 0
+    hold = max((len(s) for s in stop_strings), default=1) - 1
+    for t in generate_stream(model, prompt_ids, max_new_tokens, tokenizer=tokenizer,
+                             stop_strings=stop_strings, **kwargs):
+        if t in stop_ids:
+            break
+        text += decoder.push(t)
+        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            yield text[shown:cut]
+            return
+        if len(text) - hold > shown:
+            yield text[shown:len(text) - hold]
+            shown = len(text) - hold
+    text += decoder.flush()
+    if len(text) > shown:
+        yield text[shown:]
+
+
+class StopChecker:
+    """Has the decoded text of one row come to contain a stop string? Fed one id at a time."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.stop_strings = [s for s in stop_strings if s]
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode the generated ids")
+        self.decoder = tokenizer.stream_decoder() if self.stop_strings else None
+        self.text = ""
+
+    def push(self, token_id: int) -> bool:
+        if not self.stop_strings:
+            return False
+        piece = self.decoder.push(token_id)
+        self.text += piece
+        tail = self.text[-(max(map(len, self.stop_strings)) + len(piece)):]
+        return any(s in tail for s in self.stop_strings)
