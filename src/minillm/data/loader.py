@@ -1,0 +1,124 @@
+"""Batches of `(x, y)` token windows from the `.bin` files that `prepare` writes (numpy only).
+
+`x` is a window of `block_size` tokens and `y` the same window shifted by one: the model reads
+`x[:, t]` and learns to predict `y[:, t]`, the next token.
+
+- Training (`BatchLoader`): windows at random offsets, as in nanoGPT. The file is opened as a
+  fresh `np.memmap` for every batch, so the pages read are not kept referenced by us and resident
+  memory stays flat even for files larger than RAM.
+- Resuming: the offsets of step `s` come from `np.random.default_rng([seed, s])`, so the loader's
+  whole state is `{"seed", "step"}` (JSON); a checkpoint that saves `state_dict()` resumes the
+  exact batch sequence with `load_state_dict()`.
+- Data parallelism (DESIGN principle 6): `batch_size` is the *global* batch. Every rank draws the
+  same global offsets and keeps its own `batch_size // world_size` rows, so the data a step sees
+  is the same whatever the number of ranks, and no two ranks get the same rows.
+- Evaluation (`eval_batches`): consecutive non-overlapping windows from the start of the file,
+  so every evaluation sees the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+Batch = tuple[np.ndarray, np.ndarray]  # (x, y), each (B, T) int64
+
+
+def _bin_path_and_dtype(data_dir: str | os.PathLike, split: str) -> tuple[Path, np.dtype]:
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: run prepare() on a source into {data_dir} first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return Path(data_dir) / f"{split}.bin", np.dtype(meta["dtype"])
+
+
+def _open(path: Path, dtype: np.dtype) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class BatchLoader:
+    """Random training windows from `<data_dir>/<split>.bin`; seeded, resumable, rank-sharded.
+
+    >>> loader = BatchLoader("data/shakespeare-char", block_size=256, batch_size=64)  # doctest: +SKIP
+    >>> x, y = loader.next_batch()      # (64, 256) int64 each; y[:, t] == x[:, t + 1] in the file
+    >>> state = loader.state_dict()     # {"seed": 0, "step": 1}; save it with the checkpoint
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        block_size: int,
+        batch_size: int,
+        split: str = "train",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"global batch_size {batch_size} must be divisible by world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.path, self.dtype = _bin_path_and_dtype(data_dir, split)
+        self.n_tokens = os.path.getsize(self.path) // self.dtype.itemsize
+        if self.n_tokens < block_size + 1:
+            raise ValueError(f"{self.path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.step = seed, 0
+
+    def offsets(self, step: int) -> np.ndarray:
+        """Start offsets of this rank's windows at `step`: (batch_size // world_size,)."""
+        rng = np.random.default_rng([self.seed, step])
+        # Windows start anywhere that leaves room for x and the one-token shift of y.
+        starts = rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size)
+        per_rank = self.batch_size // self.world_size
+        return starts[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def next_batch(self) -> Batch:
+        """The next (x, y) batch for this rank, each (batch_size // world_size, block_size) int64."""
+        data = _open(self.path, self.dtype)  # re-opened per batch: flat memory
+        windows = np.stack([data[s : s + self.block_size + 1] for s in self.offsets(self.step)]).astype(np.int64)
+        self.step += 1
+        return windows[:, :-1], windows[:, 1:]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: restoring it replays exactly the same batches."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` output."""
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def eval_batches(
+    data_dir: str | os.PathLike,
+    block_size: int,
+    batch_size: int,
+    split: str = "val",
+    max_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """Consecutive, non-overlapping (x, y) windows for evaluation, always the same ones.
+
+    Window i covers tokens [i*T, (i+1)*T] (T = block_size). Rank r takes windows
+    r, r + world_size, ...; batches hold up to `batch_size` windows (the last may be smaller).
+    `max_batches` bounds the number of batches per rank (e.g. for a quick estimate).
+    """
+    path, dtype = _bin_path_and_dtype(data_dir, split)
+    n_windows = (os.path.getsize(path) // dtype.itemsize - 1) // block_size
+    starts = np.arange(rank, n_windows, world_size) * block_size
+    for b, first in enumerate(range(0, len(starts), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        data = _open(path, dtype)
+        windows = np.stack([data[s : s + block_size + 1] for s in starts[first : first + batch_size]]).astype(np.int64)
+        yield windows[:, :-1], windows[:, 1:]
