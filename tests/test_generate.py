@@ -40,8 +40,8 @@ def test_packed_cache_logits_equal_full_forward(style, chunk):
     tokens = _prompt(30, seed=1)
     with torch.inference_mode():
         full = model(torch.tensor([tokens]))[0]  # (T, V)
-        seqs = Sequences(get_decoder(model), 30, [tokens[:10]], 61)
-        got = [seqs.prefill(chunk)]
+        seqs = Sequences(get_decoder(model), 30, 61)
+        got = [seqs.prefill([tokens[:10]], chunk)]
         for t in tokens[10:]:
             got.append(seqs.decode(torch.tensor([t])))
     got = torch.cat(got)  # (21, V): predictions after 10, 11, ... 30 tokens

@@ -63,8 +63,8 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
         raise ValueError("num_beams and max_new_tokens must be >= 1")
     N, eos = num_beams, torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
     seqs = Sequences(get_decoder(model), _cache_length(model, [list(prompt)], max_new_tokens, "error"),
-                     [list(prompt) for _ in range(N)], model.config.vocab_size)
-    logits = seqs.prefill()  # (N, V), every row the same prompt
+                     model.config.vocab_size)
+    logits = seqs.prefill([list(prompt)] * N)  # (N, V), every row the same prompt
     n_candidates = max(2, 1 + len(eos)) * N
     running = torch.full((N,), IMPOSSIBLE)
     running[0] = 0.0  # all beams start identical: extend only the first, or they would repeat it

@@ -82,7 +82,6 @@ class PackedModel(nn.Module):
         super().__init__()
         c = self.config = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.manual_attention = False  # True inside torch.compile, where written-out attention fuses
         self.register_buffer("tok_emb", model.tok_emb.weight.detach().clone())
         pos = {"learned": lambda: model.pos_emb.weight, "sinusoidal": lambda: model.sin_table}.get(c.positions)
         self.register_buffer("pos_table", None if pos is None else pos().detach().clone())
@@ -95,12 +94,14 @@ class PackedModel(nn.Module):
         self.register_buffer("head_w", model.lm_head.weight.detach().t().contiguous())  # (D, V)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True) -> torch.Tensor:
+                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True,
+                manual_attention: bool = False) -> torch.Tensor:
         """One cached step over T new tokens per row.
 
         tokens, positions (B, T); slots (T,) cache slots the new keys/values go to; mask
         (B, 1, T, S) bool over all S cache slots (True = attend); k_caches/v_caches: per layer
         (B, K, S, hd), written in place. Returns logits (B, V) for the last token, else (B, T, V).
+        manual_attention: written-out softmax attention instead of SDPA (it fuses under compile).
         """
         B, T = tokens.shape
         x = self.tok_emb[tokens]  # (B, T, D)
@@ -111,8 +112,8 @@ class PackedModel(nn.Module):
             rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
         x = x.view(B * T, -1)  # (N, D): every linear layer sees a plain matrix
         for blk, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
-            h = self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, mask, k_cache, v_cache)
-            x = x + h
+            x = x + self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, mask, k_cache, v_cache,
+                                   manual_attention)
             x = x + blk.mlp(blk.norm(x, "mlp_norm"))
         if last_only:
             x = x.view(B, T, -1)[:, -1]  # (B, D)
@@ -120,7 +121,7 @@ class PackedModel(nn.Module):
         return logits if last_only else logits.view(B, T, -1)
 
     def attention(self, blk: PackedBlock, x: torch.Tensor, B: int, T: int, rope, slots, mask,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, manual_attention: bool = False) -> torch.Tensor:
         """x (N, D) -> (N, D): fused QKV, RoPE, cache write, grouped-query attention, output projection."""
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = _linear(x, blk.qkv_w, blk.qkv_b).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H+2K, T, hd)
@@ -135,7 +136,7 @@ class PackedModel(nn.Module):
         G = H // K
         q = q.reshape(B, K, G * T, hd)
         m = mask if G == 1 else mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * T, -1)
-        if self.manual_attention:
+        if manual_attention:
             scores = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, K, G*T, S)
             y = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1) @ v_cache
         else:

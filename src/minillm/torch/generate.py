@@ -13,8 +13,8 @@ would compute alone. `generate` returns ids; `generate_stream` yields them one b
 
 from __future__ import annotations
 
+import functools
 import weakref
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -28,89 +28,88 @@ _PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (
 
 # --- the packed model, built once per set of weights ------------------------------------------------
 class Decoder:
-    """A model's PackedModel plus the function a decode step calls (compiled when asked)."""
+    """A model's PackedModel, and its torch.compile'd decode step once one is asked for."""
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model):
         self.packed = PackedModel(model).eval()
-        self.step = self.packed  # prefill (any T) always runs eager
-        self.decode_step = self.packed
-        if compile:
-            self.decode_step = compile_decoder(self.packed)
+        self.compiled = None
+
+    def __call__(self, *args, compile: bool = False) -> torch.Tensor:
+        """PackedModel.forward(*args); compiled when asked (used for decode steps only)."""
+        if not compile:
+            return self.packed(*args)
+        if self.compiled is None:
+            self.compiled = compile_decoder(self.packed)
+        return self.compiled(*args)
 
 
 def compile_decoder(packed: PackedModel):
-    """torch.compile the decode step: max-autotune (C++ micro-GEMMs for the matrix-vector
-    products), fullgraph, and frozen weights (constants folded into the graph), the setting that
-    measured fastest on CPU (see docs/BENCHMARKS). Compiles on first call, per batch/cache shape."""
-    import torch._inductor.config as inductor_config
-
-    packed.manual_attention = True  # written-out attention fuses into the compiled graph
-    inductor_config.freezing = True
-    return torch.compile(packed, fullgraph=True,
-                         options={"max_autotune": True, "coordinate_descent_tuning": True})
+    """torch.compile a decode step: max-autotune (C++ micro-GEMMs for the matrix-vector products),
+    one full graph, frozen weights (folded in as constants), written-out attention (it fuses):
+    the setting that measured fastest on CPU (BENCHMARKS.md). Compiles on the first call, and
+    again for each new batch size / cache length."""
+    step = functools.partial(packed.forward, last_only=True, manual_attention=True)
+    return torch.compile(step, fullgraph=True,
+                         options={"max_autotune": True, "coordinate_descent_tuning": True, "freezing": True})
 
 
-def get_decoder(model, compile: bool = False) -> Decoder:
+def get_decoder(model) -> Decoder:
     """The Decoder of `model`, rebuilt only when its weights changed (training, load_state_dict)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    fingerprint = (compile, tuple((t.data_ptr(), t._version) for t in tensors))
+    fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
     cached = _PACKED.get(model)
     if cached is None or cached[0] != fingerprint:
         with torch.inference_mode(False), torch.no_grad():
-            cached = (fingerprint, Decoder(model, compile))
+            cached = (fingerprint, Decoder(model))
         _PACKED[model] = cached
     return cached[1]
 
 
 # --- one batch of sequences being generated -------------------------------------------------------
-@dataclass
 class Sequences:
-    """The state of B rows: caches, which cache slots hold real tokens, and each row's tokens."""
+    """B rows sharing preallocated caches: which slots hold real tokens, each slot's position.
 
-    decoder: Decoder
-    max_len: int  # cache slots
-    histories: list[list[int]]  # each row's real tokens so far (prompt + generated)
-    vocab_size: int
-    track_seen: bool = False
-    k_caches: list[torch.Tensor] = field(default_factory=list)
-    v_caches: list[torch.Tensor] = field(default_factory=list)
+    Row b is left-padded by pad[b] slots, which no query ever attends to, and its positions
+    count from its first real token, so it computes exactly what it would compute alone.
+    """
 
-    def prefill(self, chunk_size: int | None = None) -> torch.Tensor:
-        """(Re)fill the caches with every row's history, left-padded. Returns next logits (B, V)."""
-        B, cfg = len(self.histories), self.decoder.packed.config
-        L = max(len(h) for h in self.histories)
-        caches = make_caches(cfg, B, self.max_len)
+    def __init__(self, decoder: Decoder, max_len: int, vocab_size: int, track_seen: bool = False,
+                 compile: bool = False):
+        self.decoder, self.max_len, self.vocab_size = decoder, max_len, vocab_size
+        self.track_seen, self.compile = track_seen, compile
+        self.slots = torch.arange(max_len)  # (S,)
+
+    def prefill(self, prompts: list[list[int]], chunk_size: int | None = None) -> torch.Tensor:
+        """(Re)start the caches with these prompts, left-padded. Returns next logits (B, V)."""
+        B, L = len(prompts), max(len(p) for p in prompts)
+        caches = make_caches(self.decoder.packed.config, B, self.max_len)
         self.k_caches, self.v_caches = [c.k for c in caches], [c.v for c in caches]
-        self.pad = torch.tensor([L - len(h) for h in self.histories])  # (B,)
-        tokens = torch.tensor([[0] * (L - len(h)) + h for h in self.histories])  # (B, L)
-        slots = torch.arange(self.max_len)
-        self.valid = slots[None, :] >= self.pad[:, None]  # (B, S): slot holds a real token (once written)
-        self.positions = (slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, S) position of each slot
-        self.slots = slots
-        if self.track_seen:
+        pad = torch.tensor([L - len(p) for p in prompts])  # (B,)
+        tokens = torch.tensor([[0] * (L - len(p)) + p for p in prompts])  # (B, L)
+        self.valid = self.slots[None, :] >= pad[:, None]  # (B, S): not a pad slot
+        self.positions = (self.slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) position per slot
+        if self.track_seen:  # tokens of each row's context, for the repetition penalty
             self.seen = torch.zeros(B, self.vocab_size, dtype=torch.bool)
-            for b, h in enumerate(self.histories):
-                self.seen[b, h] = True
+            for b, p in enumerate(prompts):
+                self.seen[b, p] = True
         step = chunk_size or L
         for start in range(0, L, step):
             end = min(start + step, L)
-            causal = slots[None, :] <= slots[start:end, None]  # (T, S) bottom-right aligned
-            mask = (self.valid[:, None, :] & causal[None]).unsqueeze(1)  # (B, 1, T, S)
-            logits = self.decoder.step(tokens[:, start:end], self.positions[:, start:end], slots[start:end],
-                                       mask, self.k_caches, self.v_caches)
+            causal = self.slots[None, :] <= self.slots[start:end, None]  # (T, S), bottom-right aligned
+            mask = (self.valid[:, None, :] & causal).unsqueeze(1)  # (B, 1, T, S)
+            logits = self.decoder(tokens[:, start:end], self.positions[:, start:end], self.slots[start:end],
+                                  mask, self.k_caches, self.v_caches)
         self.length = L
         return logits
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row, tokens (B,). Returns next logits (B, V)."""
         s = self.length
-        for b, t in enumerate(tokens.tolist()):
-            self.histories[b].append(t)
         if self.track_seen:
             self.seen[torch.arange(len(tokens)), tokens] = True
-        mask = self.valid[:, None, None, :] & (self.slots <= s)  # (B, 1, 1, S)
-        logits = self.decoder.decode_step(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1],
-                                          mask, self.k_caches, self.v_caches)
+        mask = self.valid[:, None, None, :] & (self.slots <= s)  # (B, 1, 1, S): real tokens up to slot s
+        logits = self.decoder(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1], mask,
+                              self.k_caches, self.v_caches, compile=self.compile)
         self.length = s + 1
         return logits
 
@@ -118,7 +117,6 @@ class Sequences:
         """Keep rows `rows` (B',) in that order (beam search: the hypotheses that survive a step)."""
         self.k_caches = [k.index_select(0, rows) for k in self.k_caches]
         self.v_caches = [v.index_select(0, rows) for v in self.v_caches]
-        self.histories = [list(self.histories[r]) for r in rows.tolist()]
         self.valid, self.positions = self.valid[rows], self.positions[rows]
         if self.track_seen:
             self.seen = self.seen[rows]
@@ -175,12 +173,13 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: 
     max_new_tokens steps or when every row has produced a stop token. (Finished rows keep
     running in the batch; callers drop what follows their stop token.)"""
     window = _cache_length(model, prompts, max_new_tokens, context_overflow)
-    seqs = Sequences(get_decoder(model, compile), window, [p[-window:] for p in prompts],
-                     model.config.vocab_size, track_seen=sampling.repetition_penalty not in (None, 1.0))
+    seqs = Sequences(get_decoder(model), window, model.config.vocab_size,
+                     track_seen=sampling.repetition_penalty not in (None, 1.0), compile=compile)
     generators = _generators(seed, len(prompts))
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
-    logits = seqs.prefill(prefill_chunk_size)
+    history = [p[-window:] for p in prompts]  # kept only for the sliding window
+    logits = seqs.prefill(history, prefill_chunk_size)
     for step in range(max_new_tokens):
         logits = mask_padded_vocab(logits, vocab_size)
         tokens = sample_next(logits, sampling, seqs.seen if seqs.track_seen else None, generators)  # (B,)
@@ -188,10 +187,10 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: 
         done |= torch.isin(tokens, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
             return
+        if context_overflow == "slide":
+            history = [(h + [t])[-window:] for h, t in zip(history, tokens.tolist())]
         if seqs.full:  # sliding window: re-encode the last max_seq_len tokens of every row
-            for b, t in enumerate(tokens.tolist()):
-                seqs.histories[b] = (seqs.histories[b] + [t])[-window:]
-            logits = seqs.prefill(prefill_chunk_size)
+            logits = seqs.prefill(history, prefill_chunk_size)
         else:
             logits = seqs.decode(tokens)
 
