@@ -194,8 +194,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ValueError(f"TrainConfig.warmup_steps must be in [0, max_steps], got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.decay_frac <= 1.0:
             raise ValueError(f"TrainConfig.decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.eval_interval < 0 or self.grad_clip < 0 or self.weight_decay < 0:

@@ -1,0 +1,80 @@
+"""The trainer's view of a prepared data directory: batches as tensors, and the files a run keeps.
+
+A data directory (from `minillm prepare`) holds train.bin, val.bin, meta.json and
+tokenizer.json. The run directory gets a copy of the tokenizer, so a run is self-contained, and
+a run whose tokenizer differs from the data's is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minillm import checkpoint
+from minillm.checkpoint import CheckpointError
+from minillm.config import TrainConfig
+from minillm.data.loader import BatchLoader
+
+
+class RunData:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.dir = Path(cfg.data_dir)
+        for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+            if not (self.dir / name).is_file():
+                raise FileNotFoundError(
+                    f"{self.dir / name} not found: prepare the data first, e.g. "
+                    f"`minillm prepare --source shakespeare --tokenizer char --out {self.dir}`")
+        self.meta = checkpoint.read_json(self.dir / "meta.json")
+        vocab = int(self.meta["vocab_size"])
+        if cfg.model.vocab_size < vocab:
+            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
+                             f"tokenizer vocabulary ({vocab}); remove vocab_size from the config to use the data's")
+        micro = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
+        if micro % world:
+            raise ValueError(f"micro-batch {micro} (batch_size / grad_accum) must be divisible by "
+                             f"the number of ranks ({world})")
+        self.micro_batch = micro // world  # this rank's share
+        self.train = BatchLoader(self.dir, cfg.block_size, micro, seed=cfg.seed, rank=rank, world_size=world)
+        # Validation: the same random windows at every eval, drawn from the whole val split
+        # (the first windows alone would all come from one play).
+        self.val = BatchLoader(self.dir, cfg.block_size, micro, split="val", seed=cfg.seed + 1,
+                               rank=rank, world_size=world)
+
+    def train_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (micro_batch, block_size) int64; y is x shifted by one token."""
+        x, y = self.train.next_batch()
+        return _to(x, device), _to(y, device)
+
+    def val_batches(self, device: torch.device):
+        """A fixed list of eval_batches validation batches (this rank's share)."""
+        self.val.load_state_dict({"seed": self.val.seed, "step": 0})
+        for _ in range(self.cfg.eval_batches):
+            x, y = self.val.next_batch()
+            yield _to(x, device), _to(y, device)
+
+    # --- the run directory's copies -------------------------------------------------------------
+    def tokenizer_text(self) -> str:
+        return (self.dir / "tokenizer.json").read_text(encoding="utf-8")
+
+    def check_run_dir(self, run_dir: Path) -> None:
+        """Refuse a run directory whose tokenizer is not the one the data was made with."""
+        existing = Path(run_dir) / checkpoint.TOKENIZER_FILE
+        if existing.is_file() and json.loads(existing.read_text(encoding="utf-8")) != json.loads(self.tokenizer_text()):
+            raise CheckpointError(
+                f"{existing} does not match the tokenizer of {self.dir} (the data was tokenized differently); "
+                "use another out_dir or the data this run was trained on")
+
+    def save_run_files(self, run_dir: Path, cfg: TrainConfig) -> None:
+        run_dir = Path(run_dir)
+        checkpoint.atomic_write_text(run_dir / checkpoint.TOKENIZER_FILE, self.tokenizer_text())
+        train = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+        checkpoint.atomic_write_json(run_dir / checkpoint.CONFIG_FILE,
+                                     {"model": cfg.model.to_dict(), "train": train, "data": self.meta})
+
+
+def _to(a, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a).long()
+    return t.to(device, non_blocking=True) if device.type != "cpu" else t

@@ -1,0 +1,204 @@
+"""The PyTorch training loop: token shards in, a run directory out.
+
+One optimizer step = grad_accum micro-steps whose losses are each divided by grad_accum, so
+the gradient equals that of one batch of batch_size sequences. Under torchrun (WORLD_SIZE > 1)
+the model is wrapped in DistributedDataParallel, each rank draws its own share of the batch,
+and only rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minillm import checkpoint
+from minillm.config import TrainConfig
+from minillm.schedule import lr_at
+from minillm.torch.model import Transformer, next_token_loss
+from minillm.torch.run_data import RunData
+from minillm.torch.train_loop import NonFiniteLoss, run_loop
+from minillm.torch.trainer_state import (build_optimizer, read_trainer_state, restore_trainer_state,
+                                         save_trainer_state)
+from minillm.viz.metrics import MetricsLog
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(device: torch.device, name: str) -> torch.dtype:
+    """auto: bf16 autocast where the hardware has it, fp16 (+ GradScaler) on older GPUs, else fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # on CPU, bf16 autocast is opt-in: small models gain little (BENCHMARKS.md)
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return int(os.environ.get("RANK", 0)), world
+
+
+class Trainer:
+    """Holds the model, optimizer, data and bookkeeping of one run; `fit()` runs it."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool | None = None):
+        self.cfg = cfg
+        self.rank, self.world = setup_distributed()
+        self.is_main = self.rank == 0
+        self.quiet = (not sys.stderr.isatty()) if quiet is None else quiet
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(self.device, cfg.dtype)
+        self.run_dir = Path(cfg.out_dir)
+        self.data = RunData(cfg, self.rank, self.world)
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.opt, self.names = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if resume:
+            self._resume()
+        elif self.is_main:
+            self.data.check_run_dir(self.run_dir)
+        self.ddp = self.model
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+        if cfg.compile:
+            self.ddp = _try_compile(self.ddp, self.data.micro_batch, cfg.block_size, self.device)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _resume(self) -> None:
+        tensors, s = read_trainer_state(self.run_dir)
+        self.data.check_run_dir(self.run_dir)
+        saved = checkpoint.load_config(self.run_dir)
+        if saved != self.cfg.model:
+            raise checkpoint.CheckpointError(
+                f"{self.run_dir} was trained with a different model config (another architecture?): "
+                f"saved {saved}, asked for {self.cfg.model}")
+        restore_trainer_state(self.model, self.opt, self.names, tensors, s, self.cfg.model)
+        self.step, self.tokens, self.elapsed, self.best_val = s["step"], s["tokens"], s["elapsed"], s["best_val"]
+        self.data.train.load_state_dict(s["loader"][str(self.rank)] if str(self.rank) in s["loader"] else s["loader"])
+        if self.is_main:
+            self.metrics.truncate_after(self.step)
+            print(f"resumed {self.run_dir} at step {self.step} ({self.tokens:,} tokens seen)")
+
+    def save(self) -> None:
+        if not self.is_main:
+            return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLoss("finite, but the weights are not")  # never checkpoint NaN weights
+        scalars = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed, best_val=self.best_val,
+                       loader=self.data.train.state_dict())
+        self.data.save_run_files(self.run_dir, self.cfg)
+        save_trainer_state(self.run_dir, self.model, self.opt, self.names, scalars)
+
+    def _save_best(self, val: float) -> None:
+        self.best_val = val
+        best = self.run_dir / "best"
+        self.data.save_run_files(best, self.cfg)
+        checkpoint.save_tensors(best / checkpoint.MODEL_FILE, {
+            k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()},
+            metadata={"format": "minillm-1", "step": str(self.step), "val_loss": repr(val)})
+
+    # --- one optimizer step ------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self) -> tuple[float, float]:
+        """grad_accum micro-steps then one AdamW update; returns (mean loss, grad norm before clipping)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.data.train_batch(self.device)  # (b, T) each, b = batch_size / (grad_accum * world)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.ddp.no_sync()
+            with sync:
+                with self.autocast():
+                    loss = next_token_loss(self.ddp(x), y) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.opt)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        # fp16's GradScaler skips steps with inf gradients by design; otherwise inf/NaN stops the run
+        if not math.isfinite(total) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled()):
+            raise NonFiniteLoss(total if not math.isfinite(total) else f"finite, but gradient norm {grad_norm}")
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over a fixed set of eval_batches validation batches (the same every time)."""
+        self.model.eval()
+        losses = []
+        for x, y in self.data.val_batches(self.device):
+            with self.autocast():
+                losses.append(next_token_loss(self.model(x), y).item())
+        self.model.train()
+        loss = float(np.mean(losses))
+        if self.world > 1:
+            t = torch.tensor(loss, device=self.device)
+            torch.distributed.all_reduce(t)
+            loss = t.item() / self.world
+        return loss
+
+    def fit(self) -> dict:
+        return run_loop(self)
+
+
+def _try_compile(model, batch: int, block: int, device: torch.device):
+    """torch.compile, checked on one dummy forward/backward (compilation is lazy, so errors would
+    otherwise surface mid-run). On any failure: a clear message and the eager model."""
+    try:
+        compiled = torch.compile(model)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            x = torch.zeros(batch, block, dtype=torch.long, device=device)
+            compiled(x).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
+        model.zero_grad(set_to_none=True)
+        print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it", file=sys.stderr)
+        return model
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool | None = None) -> dict:
+    """Train per cfg (resuming from cfg.out_dir if asked); returns a summary dict."""
+    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C does
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, old)

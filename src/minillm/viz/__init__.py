@@ -1,0 +1,1 @@
+"""Plots: loss curves (metrics.py); attention maps come later."""

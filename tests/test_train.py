@@ -1,0 +1,165 @@
+"""End-to-end training: exact resume after SIGKILL, clear errors, step-0 loss, run directory."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from minillm.cli import main as cli
+
+TEXT = "".join(
+    f"{name}:\nI pray thee, {verb} the {noun} of {place}; for thus the {noun} doth {verb}.\n\n"
+    for name in ("ROMEO", "JULIET", "HAMLET", "OPHELIA", "LEAR")
+    for verb in ("bear", "mark", "keep", "speak")
+    for noun in ("crown", "heart", "night", "word")
+    for place in ("Verona", "Denmark", "Britain")
+)
+
+TOML = """
+data_dir = "{data}"
+out_dir = "{out}"
+batch_size = 8
+block_size = 32
+grad_accum = 2
+max_steps = {steps}
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 5
+schedule = "cosine"
+eval_interval = 0
+checkpoint_interval = 3
+eval_batches = 2
+log_interval = 1
+seed = 7
+[model]
+max_seq_len = 32
+d_model = 32
+n_layers = 2
+n_heads = 4
+dropout = 0.1
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    assert cli(["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out", str(root / "char")]) == 0
+    return root / "char"
+
+
+def _config(tmp_path: Path, data: Path, out: str, steps: int = 40) -> Path:
+    p = tmp_path / f"{out}.toml"
+    p.write_text(TOML.format(data=data, out=tmp_path / out, steps=steps))
+    return p
+
+
+def _train_cmd(cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "minillm.cli", "train", "--config", str(cfg), "--quiet", *extra]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
+
+
+def test_exact_resume_after_sigkill(tmp_path, data_dir):
+    """N steps straight == k steps, SIGKILL, --resume, N-k steps: same losses, bitwise same weights."""
+    straight = _config(tmp_path, data_dir, "straight", steps=30)
+    subprocess.run(_train_cmd(straight), check=True, capture_output=True)
+    killed = _config(tmp_path, data_dir, "killed", steps=30)
+    proc = subprocess.Popen(_train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "trainer_state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    k = json.loads(state.read_text())["step"]
+    assert 0 < k < 30, f"the kill should land mid-run (checkpoint at step {k})"
+    subprocess.run(_train_cmd(killed, "--resume"), check=True, capture_output=True)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert all(a[s] == b[s] for s in a), "loss sequences differ"
+    wa, wb = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[n], wb[n]) for n in wa)
+
+
+def test_run_directory_and_step0_loss(tmp_path, data_dir, capsys):
+    cfg = _config(tmp_path, data_dir, "run", steps=8)
+    assert cli(["train", "--config", str(cfg), "--quiet", "--set", "eval_interval=4"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "trainer_state.json",
+                 "trainer_state.safetensors", "metrics.jsonl", "loss.png", "best/model.safetensors"):
+        assert (run / name).is_file(), name
+    vocab = json.loads((run / "config.json").read_text())["model"]["vocab_size"]
+    step0 = float(out.split("step 0 loss ")[1].split(";")[0])
+    assert abs(step0 - math.log(vocab)) < 0.1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("val_loss") for r in rows)
+    assert {"step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "time"} <= set(rows[0])
+
+
+def test_bad_checkpoints_are_refused_without_touching_files(tmp_path, data_dir, capsys):
+    cfg = _config(tmp_path, data_dir, "run", steps=4)
+    assert cli(["train", "--config", str(cfg), "--quiet"]) == 0
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # another architecture
+    assert cli(["train", "--config", str(cfg), "--quiet", "--resume", "--set", "model.n_layers=3"]) == 2
+    assert "another architecture" in capsys.readouterr().err
+    # a tokenizer that does not match the data
+    other = tmp_path / "other.txt"
+    other.write_text("completely different alphabet: xyz 0123456789 QWERTY\n" * 40, encoding="utf-8")
+    assert cli(["prepare", "--source", str(other), "--tokenizer", "char", "--out", str(tmp_path / "d2")]) == 0
+    assert cli(["train", "--config", str(cfg), "--quiet", "--resume", "--set", f'data_dir="{tmp_path / "d2"}"']) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    # a truncated trainer state
+    state = run / "trainer_state.safetensors"
+    state.write_bytes(before["trainer_state.safetensors"][:1000])
+    assert cli(["train", "--config", str(cfg), "--quiet", "--resume"]) == 2
+    assert "truncated" in capsys.readouterr().err
+    state.write_bytes(before["trainer_state.safetensors"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    cfg = _config(tmp_path, tmp_path / "nowhere", "run", steps=4)
+    assert cli(["train", "--config", str(cfg)]) == 2
+    assert "prepare the data first" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, data_dir):
+    cfg = _config(tmp_path, data_dir, "run", steps=100000)
+    proc = subprocess.Popen(_train_cmd(cfg, "--set", "checkpoint_interval=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["step"] >= 5
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir):
+    cfg = _config(tmp_path, data_dir, "run", steps=50)
+    res = subprocess.run(_train_cmd(cfg, "--set", "lr=1e9", "--set", "min_lr=1e9", "--set", "grad_clip=0"),
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "Last good checkpoint" in res.stderr
+    if (tmp_path / "run" / "model.safetensors").exists():
+        weights = load_file(tmp_path / "run" / "model.safetensors")
+        assert all(np.isfinite(w).all() for w in weights.values())
