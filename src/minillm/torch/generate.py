@@ -250,18 +250,24 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, **kwargs) -> Iterato
 
 
 def stream_text(model, tokenizer, prompt_ids, max_new_tokens: int, **kwargs) -> Iterator[str]:
-    """Yield text pieces of one prompt's continuation as they are produced. Stop tokens are not
-    shown, and the text is cut before any stop string (held back until it cannot start one)."""
+    """Yield text pieces of one prompt's continuation as they are produced (see text_pieces)."""
     stop_strings = list(kwargs.pop("stop_strings", ()))
-    stop_ids = set(kwargs.get("stop_token_ids", ()))
+    tokens = generate_stream(model, prompt_ids, max_new_tokens, tokenizer=tokenizer, stop_strings=stop_strings, **kwargs)
+    return text_pieces(tokens, tokenizer, stop_strings, kwargs.get("stop_token_ids", ()))
+
+
+def text_pieces(tokens: Iterator[int], tokenizer, stop_strings: Sequence[str] = (),
+                stop_token_ids: Sequence[int] = ()) -> Iterator[str]:
+    """Token ids -> text pieces through the tokenizer's streaming decoder (never half a UTF-8
+    character). Stop tokens are not shown; the text ends before the first stop string, and the
+    last len(stop)-1 characters are held back until they cannot be the start of one."""
     decoder, text, shown = tokenizer.stream_decoder(), "", 0
-    hold = max((len(s) for s in stop_strings), default=1) - 1
-    for t in generate_stream(model, prompt_ids, max_new_tokens, tokenizer=tokenizer,
-                             stop_strings=stop_strings, **kwargs):
-        if t in stop_ids:
+    hold = max((len(s) for s in stop_strings if s), default=1) - 1
+    for t in tokens:
+        if t in stop_token_ids:
             break
         text += decoder.push(t)
-        cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
         if cut >= 0:
             yield text[shown:cut]
             return
@@ -269,8 +275,9 @@ def stream_text(model, tokenizer, prompt_ids, max_new_tokens: int, **kwargs) -> 
             yield text[shown:len(text) - hold]
             shown = len(text) - hold
     text += decoder.flush()
-    if len(text) > shown:
-        yield text[shown:]
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    if cut > shown:
+        yield text[shown:cut]
 
 
 class StopChecker:
