@@ -163,3 +163,21 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir):
     if (tmp_path / "run" / "model.safetensors").exists():
         weights = load_file(tmp_path / "run" / "model.safetensors")
         assert all(np.isfinite(w).all() for w in weights.values())
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path, data_dir):
+    """DDP over 2 CPU ranks (gloo) takes the same steps as one process: the batch is global."""
+    single = _config(tmp_path, data_dir, "single", steps=6)
+    ddp = _config(tmp_path, data_dir, "ddp", steps=6)
+    common = ["--set", "model.dropout=0.0", "--set", "eval_interval=3"]
+    subprocess.run(_train_cmd(single, *common), check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "minillm.cli", "train", "--config", str(ddp), "--quiet", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+    wa, wb = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
+    assert all(np.allclose(wa[n], wb[n], atol=1e-5) for n in wa)

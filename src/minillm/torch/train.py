@@ -146,6 +146,10 @@ class Trainer:
                     loss = next_token_loss(self.ddp(x), y) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.item()
+        if self.world > 1:  # log the global batch's loss, not this rank's share
+            t = torch.tensor(total, device=self.device)
+            torch.distributed.all_reduce(t)
+            total = t.item() / self.world
         self.scaler.unscale_(self.opt)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
