@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,29 @@ def test_shakespeare_char_twice(tmp_path, capsys) -> None:
     assert meta["documents"] == 42 and meta["train_tokens"] + meta["val_tokens"] == 5_057_198 + 2 * 42
     prepare("shakespeare", tmp_path / "shakespeare-char", tokenizer="char")
     assert "nothing to do" in capsys.readouterr().err
+
+
+# VmHWM is this process's own peak RSS (ru_maxrss would include the parent's, inherited over exec).
+PEAK_RSS = """
+import sys
+from minillm.data.prepare import prepare
+prepare(sys.argv[1], sys.argv[2], tokenizer="bpe", vocab_size=512, progress=False)
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])  # KiB
+"""
+
+
+@pytest.mark.slow  # ~30 s; test_output_does_not_depend_on_block_size covers the streaming logic
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from Linux /proc")
+def test_memory_stays_flat_as_the_corpus_grows(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    play = sources.shakespeare_files()[0].read_text(encoding="utf-8")
+    peaks = []
+    for copies in (20, 400):  # ~3 MB and ~56 MB of text in one file
+        (tmp_path / f"{copies}.txt").write_text(play * copies, encoding="utf-8")
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / f"{copies}.txt"), str(tmp_path / f"out{copies}")],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+        peaks.append(int(result.stdout.split()[-1]) / 1024)
+    print(f"peak RSS: {peaks[0]:.0f} MB for 3 MB of text, {peaks[1]:.0f} MB for 56 MB")
+    assert peaks[1] < peaks[0] + 15, f"peak RSS grew from {peaks[0]:.0f} MB to {peaks[1]:.0f} MB"

@@ -135,6 +135,23 @@ def _write_tokens(tok: Tokenizer, source: Source, files: dict[str, BinaryIO], dt
     return counts
 
 
+def _write_splits(tok: Tokenizer, src: Source, out: Path, dtype: np.dtype, val_fraction: float,
+                  progress: bool) -> dict[str, int]:  # fmt: skip
+    """Write train.bin / val.bin via temporary files renamed into place; return the counts."""
+    temp = {split: out / f".{split}.bin.tmp" for split in ("train", "val")}
+    try:
+        with open(temp["train"], "wb") as train_file, open(temp["val"], "wb") as val_file:
+            counts = _write_tokens(tok, src, {"train": train_file, "val": val_file}, dtype, val_fraction, progress)
+        if counts["train"] + counts["val"] == 0:
+            raise ValueError(f"source {src.name!r} is empty: it has no text")
+        for split, path in temp.items():
+            os.replace(path, out / f"{split}.bin")
+    finally:
+        for path in temp.values():
+            path.unlink(missing_ok=True)
+    return counts
+
+
 def prepare(
     source: str | Source,
     out_dir: str | os.PathLike,
@@ -179,17 +196,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
     dtype = token_dtype(tok.vocab_size)
-    temp = {split: out / f".{split}.bin.tmp" for split in ("train", "val")}
-    try:
-        with open(temp["train"], "wb") as train_file, open(temp["val"], "wb") as val_file:
-            counts = _write_tokens(tok, src, {"train": train_file, "val": val_file}, dtype, val_fraction, progress)
-        if counts["train"] + counts["val"] == 0:
-            raise ValueError(f"source {src.name!r} is empty: it has no text")
-        for split, path in temp.items():
-            os.replace(path, out / f"{split}.bin")
-    finally:
-        for path in temp.values():
-            path.unlink(missing_ok=True)
+    counts = _write_splits(tok, src, out, dtype, val_fraction, progress)
     tok.save(out / "tokenizer.json")
     meta = {
         "settings": settings,

@@ -15,8 +15,8 @@ Two documented differences:
 - Unicode versions: our split regex runs on the `regex` module (Unicode 17 tables), HF's on
   Oniguruma (Unicode 16 in tokenizers 0.23). Characters first assigned in Unicode 17 (e.g. CJK
   Extension J, U+323B0..) count as letters for us and not for HF, so text containing them may
-  pre-split, and hence encode, differently. For every other code point the two engines agree on
-  \p{L}, \p{N} and \s (checked over all of them); the tests use assigned characters only.
+  pre-split, and hence encode, differently. For every other code point the two engines agree on the
+  letter, number and whitespace classes (checked over all of them); the tests use assigned characters only.
 - Special tokens are HF "added tokens", which HF always splits out of the text. Our `encode`
   only does so when the caller allows them (the tiktoken convention), so ids differ on text that
   *contains a special-token string* unless `allowed_special="all"`.
