@@ -11,11 +11,16 @@ The same update as minillm/torch/train.py (Trainer.train_step) with torch.optim.
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from minillm.config import ModelConfig, TrainConfig
@@ -107,15 +112,18 @@ def train_step_fn(config: ModelConfig, cfg: TrainConfig, optimizer: optax.Gradie
     """The step as a pure function step(state, xs, ys, key) -> (state, metrics), not yet jitted
     (make_train_step jits it for one device, minillm.jax.parallel for several).
     xs, ys (grad_accum, b, T) int32; key: a PRNG key, used for dropout when config.dropout > 0;
-    metrics = {"loss", "grad_norm"} (the norm before clipping)."""
+    metrics = {"loss", "grad_norm"} (the norm before clipping). A step whose loss or gradient is
+    not finite returns the state unchanged (the trainer then stops, as the PyTorch one does)."""
     use_dropout = config.dropout > 0
 
     def step(state: TrainState, xs: jax.Array, ys: jax.Array, key: jax.Array):
         loss, grads = accumulate_grads(state.params, config, xs, ys, key if use_dropout else None)
         grads, grad_norm = clip_by_global_norm(grads, cfg.grad_clip)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state), {"loss": loss, "grad_norm": grad_norm}
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/inf step leaves the state as it was
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        return new, {"loss": loss, "grad_norm": grad_norm}
 
     return step
 
@@ -132,3 +140,168 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
 def make_eval_loss(config: ModelConfig):
     """A jitted loss(params, x, y) -> mean loss of one batch, dropout off."""
     return jax.jit(lambda params, x, y: loss_fn(params, config, x, y))
+
+
+# --- the trainer: token shards in, a run directory out (the format of minillm/torch/train.py) -----
+class Trainer:
+    """Holds the state, data and bookkeeping of one JAX run; `fit()` runs it (train_loop.py).
+
+    Batches come from minillm.data.loader exactly as in the PyTorch trainer (the same seeded
+    windows, grad_accum micro-batches per step), so both trainers read the same tokens. With
+    several local devices (GPUs, or forced host devices) the batch is split across them
+    (minillm.jax.parallel) when the micro-batch divides evenly."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool | None = None):
+        from minillm.data.loader import BatchLoader
+        from minillm.jax import parallel
+        from minillm.jax.model import init_params
+        from minillm.viz.metrics import MetricsLog
+
+        self.cfg, self.is_main = cfg, jax.process_index() == 0
+        self.quiet = (not sys.stderr.isatty()) if quiet is None else quiet
+        self.run_dir, self.data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
+        self.meta = _check_data_dir(self.data_dir, cfg)
+        micro = cfg.batch_size // cfg.grad_accum
+        self.train = BatchLoader(self.data_dir, cfg.block_size, micro, seed=cfg.seed)
+        self.val = BatchLoader(self.data_dir, cfg.block_size, micro, split="val", seed=cfg.seed + 1)
+        self.rng = jax.random.key(cfg.seed)
+        self.rng, init_key = jax.random.split(self.rng)
+        params = init_params(cfg.model, init_key)
+        self.optimizer = make_optimizer(cfg, params)
+        self.state = init_train_state(params, self.optimizer)
+        self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if resume:
+            self._resume()
+        elif self.is_main:
+            _check_run_dir(self.run_dir, self.data_dir)
+        n = len(jax.devices())
+        self.mesh = parallel.make_mesh() if n > 1 and micro % n == 0 else None
+        if self.mesh is None:
+            self._step = make_train_step(cfg.model, cfg, self.optimizer)
+        else:
+            self._step = parallel.make_parallel_train_step(cfg.model, cfg, self.optimizer, self.mesh)
+            self.state = parallel.replicate(self.state, self.mesh)
+        self._eval_loss = make_eval_loss(cfg.model)
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _resume(self) -> None:
+        from minillm import checkpoint
+        from minillm.jax.trainer_state import read_trainer_state, restore_trainer_state
+
+        tensors, s = read_trainer_state(self.run_dir)
+        saved = checkpoint.load_config(self.run_dir)
+        if saved != self.cfg.model:
+            raise checkpoint.CheckpointError(
+                f"{self.run_dir} was trained with a different model config (another architecture?): "
+                f"saved {saved}, asked for {self.cfg.model}")
+        _check_run_dir(self.run_dir, self.data_dir)
+        self.state, rng = restore_trainer_state(self.state, tensors, s, self.cfg.model)
+        self.rng = rng if rng is not None else self.rng
+        self.step, self.tokens, self.elapsed, self.best_val = s["step"], s["tokens"], s["elapsed"], s["best_val"]
+        self.train.load_state_dict(s["loader"]["0"] if "0" in s["loader"] else s["loader"])
+        if self.is_main:
+            self.metrics.truncate_after(self.step)
+            print(f"resumed {self.run_dir} at step {self.step} ({self.tokens:,} tokens seen)")
+
+    def save(self, run_dir: Path | None = None, best_val: float | None = None) -> None:
+        """The full resume point in out_dir; with run_dir=best/, only config, tokenizer and weights."""
+        from minillm import checkpoint
+        from minillm.jax.model import params_to_canonical
+        from minillm.jax.trainer_state import save_trainer_state
+
+        if not self.is_main:
+            return
+        run_dir = run_dir or self.run_dir
+        checkpoint.atomic_write_text(run_dir / checkpoint.TOKENIZER_FILE,
+                                     (self.data_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        train = {k: v for k, v in self.cfg.to_dict().items() if k != "model"}
+        checkpoint.atomic_write_json(run_dir / checkpoint.CONFIG_FILE,
+                                     {"model": self.cfg.model.to_dict(), "train": train, "data": self.meta})
+        if best_val is not None:
+            checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, params_to_canonical(self.state.params),
+                                    metadata={"format": "minillm-1", "step": str(self.step), "val_loss": repr(best_val)})
+            return
+        scalars = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed, best_val=self.best_val,
+                       loader=self.train.state_dict())
+        save_trainer_state(run_dir, self.state, self.rng, scalars)
+
+    def _save_best(self, val: float) -> None:
+        self.best_val = val
+        self.save(self.run_dir / "best", best_val=val)
+
+    # --- one optimizer step ------------------------------------------------------------------
+    def _batch(self) -> tuple[jax.Array, jax.Array]:
+        """grad_accum micro-batches from the loader, stacked: xs, ys (grad_accum, b, T) int32."""
+        pairs = [self.train.next_batch() for _ in range(self.cfg.grad_accum)]
+        xs = np.stack([x for x, _ in pairs]).astype(np.int32)
+        ys = np.stack([y for _, y in pairs]).astype(np.int32)
+        if self.mesh is not None:
+            from minillm.jax.parallel import shard_batch
+
+            return shard_batch(xs, self.mesh), shard_batch(ys, self.mesh)
+        return jnp.asarray(xs), jnp.asarray(ys)
+
+    def train_step(self) -> tuple[float, float]:
+        """One AdamW update over grad_accum micro-batches; returns (mean loss, grad norm before clipping)."""
+        from minillm.jax.train_loop import NonFiniteLoss
+
+        self.rng, key = jax.random.split(self.rng)
+        xs, ys = self._batch()
+        self.state, metrics = self._step(self.state, xs, ys, key)
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise NonFiniteLoss(loss)  # the step kept the previous state
+        return loss, grad_norm
+
+    def evaluate(self) -> float:
+        """Mean loss over the same eval_batches validation windows every time (as the PyTorch trainer)."""
+        self.val.load_state_dict({"seed": self.val.seed, "step": 0})
+        losses = []
+        for _ in range(self.cfg.eval_batches):
+            x, y = self.val.next_batch()
+            losses.append(float(self._eval_loss(self.state.params, jnp.asarray(x, jnp.int32), jnp.asarray(y, jnp.int32))))
+        return float(np.mean(losses))
+
+    def fit(self) -> dict:
+        from minillm.jax.train_loop import run_loop
+
+        return run_loop(self)
+
+
+def _check_data_dir(data_dir: Path, cfg: TrainConfig) -> dict:
+    """meta.json of a prepared data directory; clear errors for a missing file or a small vocab."""
+    from minillm import checkpoint
+
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(f"{data_dir / name} not found: prepare the data first, e.g. "
+                                    f"`minillm prepare --source shakespeare --tokenizer char --out {data_dir}`")
+    meta = checkpoint.read_json(data_dir / "meta.json")
+    if cfg.model.vocab_size < int(meta["vocab_size"]):
+        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
+                         f"tokenizer vocabulary ({meta['vocab_size']}); remove vocab_size from the config to use the data's")
+    return meta
+
+
+def _check_run_dir(run_dir: Path, data_dir: Path) -> None:
+    """Refuse a run directory whose tokenizer is not the one the data was made with."""
+    from minillm.checkpoint import TOKENIZER_FILE, CheckpointError
+
+    existing = run_dir / TOKENIZER_FILE
+    data_tok = json.loads((data_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    if existing.is_file() and json.loads(existing.read_text(encoding="utf-8")) != data_tok:
+        raise CheckpointError(f"{existing} does not match the tokenizer of {data_dir} (the data was tokenized "
+                              "differently); use another out_dir or the data this run was trained on")
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool | None = None) -> dict:
+    """Train per cfg with JAX (resuming from cfg.out_dir if asked); returns a summary dict.
+    The run directory is the PyTorch trainer's format: either framework samples from it."""
+    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C does
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGTERM, old)
