@@ -99,8 +99,9 @@ class PackedModel(nn.Module):
         """One cached step over T new tokens per row.
 
         tokens, positions (B, T); slots (T,) cache slots the new keys/values go to; mask
-        (B, 1, T, S) bool over all S cache slots (True = attend); k_caches/v_caches: per layer
-        (B, K, S, hd), written in place. Returns logits (B, V) for the last token, else (B, T, V).
+        (B, 1, T, S) over all S cache slots: bool (True = attend) or float added to the scores
+        (0 = attend, -inf = not); k_caches/v_caches: per layer (B, K, S, hd), written in place.
+        Returns logits (B, V) for the last token, or (B, T, V) when not last_only.
         manual_attention: written-out softmax attention instead of SDPA (it fuses under compile).
         """
         B, T = tokens.shape
@@ -110,36 +111,46 @@ class PackedModel(nn.Module):
         rope = None
         if self.rope_cos is not None:
             rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+        bias = self.attention_bias(mask)  # (B, 1, G*T, S), computed once for all layers
         x = x.view(B * T, -1)  # (N, D): every linear layer sees a plain matrix
         for blk, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
-            x = x + self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, mask, k_cache, v_cache,
+            x = x + self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, bias, k_cache, v_cache,
                                    manual_attention)
             x = x + blk.mlp(blk.norm(x, "mlp_norm"))
         if last_only:
             x = x.view(B, T, -1)[:, -1]  # (B, D)
-        logits = _norm(x, self.config.norm, self.norm_w, self.norm_b, self.config.norm_eps) @ self.head_w  # (B, V) or (N, V)
-        return logits if last_only else logits.view(B, T, -1)
+        logits = _norm(x, self.config.norm, self.norm_w, self.norm_b, self.config.norm_eps) @ self.head_w
+        return logits if last_only else logits.view(B, T, -1)  # (B, V) or (B, T, V)
 
-    def attention(self, blk: PackedBlock, x: torch.Tensor, B: int, T: int, rope, slots, mask,
+    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, S) bool or float mask -> float bias (B, 1, G*T, S), one copy per query head
+        of a group (grouped-query attention folds a group's heads into the query axis)."""
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=self.tok_emb.dtype).masked_fill_(~mask, float("-inf"))
+        G = self.n_heads // self.n_kv_heads
+        if G == 1:
+            return mask
+        return mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * mask.size(2), -1)
+
+    def attention(self, blk: PackedBlock, x: torch.Tensor, B: int, T: int, rope, slots, bias,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, manual_attention: bool = False) -> torch.Tensor:
         """x (N, D) -> (N, D): fused QKV, RoPE, cache write, grouped-query attention, output projection."""
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = _linear(x, blk.qkv_w, blk.qkv_b).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H+2K, T, hd)
-        q, k, v = qkv.split([H, K, K], dim=1)
-        if rope is not None:
+        qk, v = qkv[:, :H + K], qkv[:, H + K:]
+        if rope is not None:  # queries and keys are adjacent in the fused layout: rotate both at once
             cos, sin = rope
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, :H], qk[:, H:]
         k_cache.index_copy_(2, slots, k)  # (B, K, S, hd)
         v_cache.index_copy_(2, slots, v)
         # Grouped-query attention without copying K/V: query heads j*G .. j*G+G-1 share K/V head j,
         # so fold each group into the query axis: (B, H, T, hd) -> (B, K, G*T, hd).
-        G = H // K
-        q = q.reshape(B, K, G * T, hd)
-        m = mask if G == 1 else mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * T, -1)
+        q = q.reshape(B, K, H // K * T, hd)
         if manual_attention:
-            scores = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, K, G*T, S)
-            y = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1) @ v_cache
+            scores = (q @ k_cache.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + bias  # (B, K, G*T, S)
+            y = torch.softmax(scores, dim=-1) @ v_cache
         else:
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=m)  # (B, K, G*T, hd)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias)  # (B, K, G*T, hd)
         y = y.view(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)  # (N, D)
         return _linear(y, blk.o_w, blk.o_b)

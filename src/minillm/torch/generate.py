@@ -100,6 +100,8 @@ class Sequences:
             logits = self.decoder(tokens[:, start:end], self.positions[:, start:end], self.slots[start:end],
                                   mask, self.k_caches, self.v_caches)
         self.length = L
+        # (B, 1, 1, S) attention bias of a decode step: 0 on real tokens so far, -inf elsewhere
+        self.bias = torch.zeros(B, 1, 1, self.max_len).masked_fill_(~(self.valid & (self.slots < L))[:, None, None], float("-inf"))
         return logits
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -107,8 +109,8 @@ class Sequences:
         s = self.length
         if self.track_seen:
             self.seen[torch.arange(len(tokens)), tokens] = True
-        mask = self.valid[:, None, None, :] & (self.slots <= s)  # (B, 1, 1, S): real tokens up to slot s
-        logits = self.decoder(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1], mask,
+        self.bias[..., s] = 0.0  # slot s now holds a real token of every row
+        logits = self.decoder(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1], self.bias,
                               self.k_caches, self.v_caches, compile=self.compile)
         self.length = s + 1
         return logits
@@ -117,7 +119,7 @@ class Sequences:
         """Keep rows `rows` (B',) in that order (beam search: the hypotheses that survive a step)."""
         self.k_caches = [k.index_select(0, rows) for k in self.k_caches]
         self.v_caches = [v.index_select(0, rows) for v in self.v_caches]
-        self.valid, self.positions = self.valid[rows], self.positions[rows]
+        self.valid, self.positions, self.bias = self.valid[rows], self.positions[rows], self.bias[rows]
         if self.track_seen:
             self.seen = self.seen[rows]
 
@@ -168,27 +170,27 @@ def _generators(seed, batch: int) -> list[torch.Generator] | None:
 def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                 stop_token_ids: Sequence[int] = (), seed=None, vocab_size: int | None = None,
                 context_overflow: str = "error", prefill_chunk_size: int | None = None,
-                compile: bool = False) -> Iterator[torch.Tensor]:
-    """The core loop: yields the next token of every row, (B,), once per step. Stops after
+                compile: bool = False) -> Iterator[list[int]]:
+    """The core loop: yields the next token of every row (B ints) once per step. Stops after
     max_new_tokens steps or when every row has produced a stop token. (Finished rows keep
     running in the batch; callers drop what follows their stop token.)"""
     window = _cache_length(model, prompts, max_new_tokens, context_overflow)
     seqs = Sequences(get_decoder(model), window, model.config.vocab_size,
                      track_seen=sampling.repetition_penalty not in (None, 1.0), compile=compile)
     generators = _generators(seed, len(prompts))
-    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    stop, done = set(stop_token_ids), [False] * len(prompts)
     history = [p[-window:] for p in prompts]  # kept only for the sliding window
     logits = seqs.prefill(history, prefill_chunk_size)
     for step in range(max_new_tokens):
         logits = mask_padded_vocab(logits, vocab_size)
         tokens = sample_next(logits, sampling, seqs.seen if seqs.track_seen else None, generators)  # (B,)
-        yield tokens
-        done |= torch.isin(tokens, stop)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        ids = tokens.tolist()
+        yield ids
+        done = [d or t in stop for d, t in zip(done, ids)]
+        if all(done) or step == max_new_tokens - 1:
             return
         if context_overflow == "slide":
-            history = [(h + [t])[-window:] for h, t in zip(history, tokens.tolist())]
+            history = [(h + [t])[-window:] for h, t in zip(history, ids)]
         if seqs.full:  # sliding window: re-encode the last max_seq_len tokens of every row
             logits = seqs.prefill(history, prefill_chunk_size)
         else:
@@ -208,11 +210,14 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
     string, when one came). temperature 0 is greedy; top_k / top_p / min_p / repetition_penalty
     filter as in minillm.torch.sampling. stop_strings need `tokenizer`. seed: an int seeds every
     row alike (row b equals generating that prompt alone), a list seeds row by row. vocab_size:
-    the tokenizer's vocabulary when the model's is padded. num_beams > 1: beam search
+    the tokenizer's vocabulary when the model's is padded (default: the tokenizer's, when one
+    is given); ids from vocab_size on are never generated. num_beams > 1: beam search
     (minillm.torch.beam). context_overflow: "error" past max_seq_len, or "slide" to keep
     conditioning on the last max_seq_len tokens. compile: torch.compile the decode step.
     """
     prompts, single = _as_batch(prompt_ids)
+    if vocab_size is None and tokenizer is not None and tokenizer.vocab_size < model.config.vocab_size:
+        vocab_size = tokenizer.vocab_size  # the model's table is padded: never emit the padding ids
     if num_beams > 1:
         from minillm.torch.beam import beam_search
 
@@ -226,7 +231,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
     done = [False] * len(prompts)
     for tokens in token_steps(model, prompts, max_new_tokens, sampling, stop_token_ids, seed, vocab_size,
                               context_overflow, prefill_chunk_size, compile):
-        for b, t in enumerate(tokens.tolist()):
+        for b, t in enumerate(tokens):
             if not done[b]:
                 out[b].append(t)
                 done[b] = t in stop_token_ids or checkers[b].push(t)
@@ -243,7 +248,7 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, **kwargs) -> Iterato
                                                                 ("min_p", None), ("repetition_penalty", None))))
     prompts, _ = _as_batch(prompt_ids)
     for tokens in token_steps(model, prompts[:1], max_new_tokens, sampling, stop_ids, **kwargs):
-        t = int(tokens[0])
+        t = tokens[0]
         yield t
         if t in stop_ids or checker.push(t):
             return
