@@ -216,7 +216,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
     conditioning on the last max_seq_len tokens. compile: torch.compile the decode step.
     """
     prompts, single = _as_batch(prompt_ids)
-    if vocab_size is None and tokenizer is not None and tokenizer.vocab_size < model.config.vocab_size:
+    if vocab_size is None and getattr(tokenizer, "vocab_size", model.config.vocab_size) < model.config.vocab_size:
         vocab_size = tokenizer.vocab_size  # the model's table is padded: never emit the padding ids
     if num_beams > 1:
         from minillm.torch.beam import beam_search
