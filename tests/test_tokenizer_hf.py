@@ -78,3 +78,18 @@ def test_char_tokenizer_exports(corpus: str, tmp_path) -> None:
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "c.json"))
     text = corpus[:20_000] + "<|eos|>"
     assert ours.encode(text, allowed_special="all") == hf.encode(text).ids
+
+
+def test_regex_engines_agree_on_character_classes() -> None:
+    """Our `regex` and HF's Oniguruma classify every assigned code point alike (see hf.py)."""
+    import unicodedata
+
+    import regex
+
+    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cs", "Cn") and chr(c) != "!"]
+    text = "!" + "!".join(chars) + "!"  # "!" (no letter, digit or space) isolates each character
+    for char_class in (r"\p{L}", r"\p{N}", r"\s"):
+        split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(char_class), "isolated")
+        theirs = {piece for piece, _ in split.pre_tokenize_str(text) if len(piece) == 1 and piece != "!"}
+        ours = set(regex.findall(char_class, text))
+        assert ours == theirs, (char_class, sorted(ours ^ theirs)[:10])

@@ -13,10 +13,10 @@ How our byte-level BPE is expressed in HF's pipeline, so that `Tokenizer.from_fi
 
 Two documented differences:
 - Unicode versions: our split regex runs on the `regex` module (Unicode 17 tables), HF's on
-  Oniguruma (Unicode 16 in tokenizers 0.23). Characters first assigned in Unicode 17 (e.g. CJK
-  Extension J, U+323B0..) count as letters for us and not for HF, so text containing them may
-  pre-split, and hence encode, differently. For every other code point the two engines agree on the
-  letter, number and whitespace classes (checked over all of them); the tests use assigned characters only.
+  Oniguruma (older tables). The newest letters and digits (e.g. CJK Extension J, U+323B0..)
+  count as letters for us and not for HF, so text containing them may pre-split, and hence
+  encode, differently. The letter, number and whitespace classes agree on every code point that
+  Python's `unicodedata` knows as assigned (a test checks all of them).
 - Special tokens are HF "added tokens", which HF always splits out of the text. Our `encode`
   only does so when the caller allows them (the tiktoken convention), so ids differ on text that
   *contains a special-token string* unless `allowed_special="all"`.
