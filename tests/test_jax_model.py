@@ -108,7 +108,7 @@ def test_params_from_canonical_rejects_wrong_architecture():
 
 @pytest.mark.parametrize("package,forbidden", [("minillm.jax", "torch"), ("minillm.torch", "jax")])
 def test_frameworks_do_not_import_each_other(package, forbidden):
-    modules = {"minillm.jax": ["layers", "model", "generate", "train", "parallel"],
+    modules = {"minillm.jax": ["layers", "model", "generate", "train", "parallel", "train_loop", "trainer_state"],
                "minillm.torch": ["layers", "model", "sampling"]}[package]
     code = (f"import sys, importlib\n"
             f"for m in {modules!r}: importlib.import_module('{package}.' + m)\n"

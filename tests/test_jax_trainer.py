@@ -82,6 +82,11 @@ def test_run_directory_and_both_frameworks_sample_it_alike(tmp_path, data_dir, c
     assert abs(step0 - math.log(vocab)) < 0.1
     assert train_rows[-1]["train_loss"] < step0 - 0.5  # it learned
     _assert_same_greedy(run)
+    # `minillm sample` (PyTorch) prints what the JAX sampler returns, greedy and with a stop string.
+    assert cli(["sample", "--run", str(run), "--prompt", "Bob", "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == "Bob" + jg.sample_texts(run, "Bob", 1, 24, temperature=0)[0] + "\n"
+    cut = jg.sample_texts(run, "Bob", 2, 24, temperature=0, stop_strings=["e"])
+    assert cut[0] == cut[1] and "e" not in cut[0]
 
 
 def test_torch_trained_model_samples_identically_in_jax(tmp_path, data_dir):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -208,3 +209,39 @@ def generate_stream(params: Params, config: ModelConfig, prompt_ids: Sequence[in
         yield t
         if t in stop_token_ids:
             return
+
+
+# --- a run directory in, text out (what `minillm sample --backend jax` prints) ----------------------
+def sample_texts(run_dir, prompt: str, num_samples: int = 1, max_new_tokens: int = 200, *,
+                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop_strings: Sequence[str] = ()) -> list[str]:
+    """Continue `prompt` num_samples times with the model of a run directory (written by either
+    framework); returns the continuations as text, each cut at eos or the first stop string.
+    An empty prompt starts from the tokenizer's bos token, as the PyTorch `minillm sample` does."""
+    from minillm.jax.model import load_model
+
+    config, params, tokenizer = load_model(run_dir)
+    if tokenizer is None:
+        raise ValueError(f"run directory {run_dir} has no tokenizer.json; text generation needs one")
+    ids = tokenizer.encode(prompt) if prompt else []
+    ids = ids or _special_ids(tokenizer, "bos")
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no bos token; give a prompt")
+    eos = _special_ids(tokenizer, "eos")
+    vocab = tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    outs = generate(params, config, [ids] * num_samples, max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, stop_token_ids=eos, seed=seed, vocab_size=vocab)
+    texts = []
+    for out in outs:
+        text = tokenizer.decode(out[:-1] if out and out[-1] in eos else out)
+        cuts = [text.index(s) for s in stop_strings if s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts
+
+
+def _special_ids(tokenizer, name: str) -> list[int]:
+    try:
+        return [tokenizer.special_id(name)]
+    except (KeyError, AttributeError):
+        return []

@@ -23,8 +23,11 @@ Params = dict  # canonical name -> jax.Array
 
 
 def linear(params: Params, prefix: str, x: jax.Array) -> jax.Array:
-    """x (..., in) -> (..., out): x Wᵀ + b, W stored (out, in) as in PyTorch."""
-    y = x @ params[f"{prefix}.weight"].T
+    """x (..., in) -> (..., out): x Wᵀ + b, W stored (out, in) as in PyTorch.
+    The leading axes are flattened first: one 2-D matmul, whose gradient XLA on CPU computes
+    markedly faster than a dot over (B, T) batch axes (benchmarks/jax_vs_torch.py)."""
+    weight = params[f"{prefix}.weight"]  # (out, in)
+    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
     bias = params.get(f"{prefix}.bias")
     return y if bias is None else y + bias
 
