@@ -13,7 +13,6 @@ would compute alone. `generate` returns ids; `generate_stream` yields them one b
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Iterator, Sequence
 
@@ -48,9 +47,20 @@ def compile_decoder(packed: PackedModel):
     one full graph, frozen weights (folded in as constants), written-out attention (it fuses):
     the setting that measured fastest on CPU (BENCHMARKS.md). Compiles on the first call, and
     again for each new batch size / cache length."""
-    step = functools.partial(packed.forward, last_only=True, manual_attention=True)
-    return torch.compile(step, fullgraph=True,
-                         options={"max_autotune": True, "coordinate_descent_tuning": True, "freezing": True})
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(packed, fullgraph=True, options={"max_autotune": True, "coordinate_descent_tuning": True})
+
+    def step(*args) -> torch.Tensor:
+        # Freezing is on for these calls only (it is not honoured as a compile option); left on
+        # globally it would also freeze any other graph compiled later without gradients.
+        before, inductor_config.freezing = inductor_config.freezing, True
+        try:
+            return compiled(*args, last_only=True, manual_attention=True)
+        finally:
+            inductor_config.freezing = before
+
+    return step
 
 
 def get_decoder(model) -> Decoder:
