@@ -81,7 +81,6 @@ def test_sampling_is_seeded_and_filters_hold():
     assert a != jg.generate(params, TINY, [1, 2], 30, temperature=1.0, top_k=3, seed=8)
     greedy = jg.generate(params, TINY, [1, 2], 10, temperature=0)
     assert jg.generate(params, TINY, [1, 2], 10, temperature=0.7, top_k=1, top_p=0.5, seed=1) == greedy
-    assert jg.generate(params, TINY, [1, 2], 10, temperature=0.7, top_p=1e-6, seed=1) == greedy
     assert max(jg.generate(params, TINY, [1, 2], 30, seed=2, vocab_size=10)) < 10  # padded vocabulary
 
 

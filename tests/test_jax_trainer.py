@@ -90,8 +90,15 @@ def test_run_directory_and_both_frameworks_sample_it_alike(tmp_path, data_dir, c
 
 
 def test_torch_trained_model_samples_identically_in_jax(tmp_path, data_dir):
-    assert cli(["train", "--config", str(_config(tmp_path, data_dir, "torchrun")), "--backend", "torch", "--quiet"]) == 0
+    config = str(_config(tmp_path, data_dir, "torchrun"))
+    assert cli(["train", "--config", config, "--backend", "torch", "--quiet"]) == 0
     _assert_same_greedy(tmp_path / "torchrun")
+    # The trainer states share one format: JAX resumes the PyTorch run (weights and AdamW moments).
+    last_torch = [r for r in _rows(tmp_path / "torchrun") if r.get("train_loss") is not None][-1]["train_loss"]
+    assert cli(["train", "--config", config, "--backend", "jax", "--resume", "--quiet", "--set", "max_steps=14"]) == 0
+    resumed = [r for r in _rows(tmp_path / "torchrun") if r.get("train_loss") is not None]
+    assert [r["step"] for r in resumed][-3:] == [12, 13, 14]
+    assert abs(resumed[-2]["train_loss"] - last_torch) < 0.3  # continues where torch stopped, not from scratch
 
 
 def _assert_same_greedy(run):
