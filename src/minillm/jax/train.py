@@ -157,6 +157,9 @@ class Trainer:
         from minillm.jax.model import init_params
         from minillm.viz.metrics import MetricsLog
 
+        if cfg.dtype not in ("auto", "float32"):
+            raise ValueError(f"the JAX trainer trains in float32; got dtype={cfg.dtype!r} (use the torch backend "
+                             "for mixed precision)")
         self.cfg, self.is_main = cfg, jax.process_index() == 0
         self.quiet = (not sys.stderr.isatty()) if quiet is None else quiet
         self.run_dir, self.data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
