@@ -13,6 +13,7 @@ GPT2_SHAPES = [
     dict(vocab_size=97, max_seq_len=32, d_model=48, n_layers=3, n_heads=4, tie_embeddings=True),
     dict(vocab_size=211, max_seq_len=64, d_model=64, n_layers=2, n_heads=8, d_ff=96, tie_embeddings=False),
     dict(vocab_size=50, max_seq_len=40, d_model=96, n_layers=5, n_heads=3, norm_eps=1e-6, tie_embeddings=True),
+    dict(vocab_size=65, max_seq_len=24, d_model=32, n_layers=1, n_heads=2, mlp="gelu_exact", tie_embeddings=False),
 ]
 LLAMA_SHAPES = [
     dict(vocab_size=97, max_seq_len=32, d_model=64, n_layers=3, n_heads=4, n_kv_heads=1, tie_embeddings=True),
@@ -39,7 +40,7 @@ def _randomised(cfg: ModelConfig) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.positions}-L{c.n_layers}-kv{c.n_kv_heads}-tie{c.tie_embeddings}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mlp}-L{c.n_layers}-kv{c.n_kv_heads}-tie{c.tie_embeddings}")
 def test_logits_match_transformers(cfg):
     model = _randomised(cfg)
     hf_model = hf.to_transformers(model)
@@ -53,7 +54,7 @@ def test_logits_match_transformers(cfg):
         assert model.lm_head.weight is model.tok_emb.weight
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.positions}-L{c.n_layers}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mlp}-L{c.n_layers}")
 def test_round_trip_is_exact(cfg):
     model = _randomised(cfg)
     cfg2, sd = hf.from_transformers(hf.to_transformers(model))
@@ -73,9 +74,9 @@ def test_unrepresentable_config_is_refused():
 
 def test_load_pretrained_from_local_directory(tmp_path):
     """Load a saved HF checkpoint from disk (hubs are unreachable; real loading code, local files)."""
-    model = _randomised(CONFIGS[3])
+    model = _randomised(CONFIGS[4])
     hf.to_transformers(model).save_pretrained(tmp_path, safe_serialization=True)
     loaded = hf.load_pretrained(str(tmp_path))
-    tokens = torch.randint(0, CONFIGS[3].vocab_size, (1, 16))
+    tokens = torch.randint(0, CONFIGS[4].vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), atol=1e-6, rtol=0)

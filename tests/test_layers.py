@@ -146,3 +146,11 @@ def test_gelu_mlp_uses_gpt2_tanh_gelu():
     gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
     ref = gelu @ mlp.down.weight.double().T + mlp.down.bias.double()
     torch.testing.assert_close(mlp(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_gelu_mlp_uses_erf():
+    mlp = layers.GeluMLP(_attn_config(mlp="gelu_exact"))
+    x = torch.randn(4, 32)
+    h = (x @ mlp.up.weight.T).double()
+    gelu = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    torch.testing.assert_close(mlp(x).double(), gelu @ mlp.down.weight.double().T, atol=1e-5, rtol=1e-5)

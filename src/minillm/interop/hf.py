@@ -20,9 +20,10 @@ from minillm.config import ModelConfig
 
 def family(config: ModelConfig) -> str:
     """'gpt2' or 'llama' if the config is exactly representable by that HF class, else ValueError."""
-    gpt2 = dict(norm="layernorm", positions="learned", mlp="gelu", bias=True)
+    gpt2 = dict(norm="layernorm", positions="learned", bias=True)
     llama = dict(norm="rmsnorm", positions="rope", mlp="swiglu")
-    if all(getattr(config, k) == v for k, v in gpt2.items()) and config.n_kv_heads == config.n_heads:
+    if (all(getattr(config, k) == v for k, v in gpt2.items()) and config.mlp in ("gelu", "gelu_exact")
+            and config.n_kv_heads == config.n_heads):
         return "gpt2"
     if all(getattr(config, k) == v for k, v in llama.items()):
         return "llama"
@@ -41,7 +42,8 @@ def hf_config(config: ModelConfig):
     if family(config) == "gpt2":
         return transformers.GPT2Config(
             n_positions=config.max_seq_len, n_embd=config.d_model, n_layer=config.n_layers,
-            n_head=config.n_heads, n_inner=config.d_ff, activation_function="gelu_new",
+            n_head=config.n_heads, n_inner=config.d_ff,
+            activation_function="gelu_new" if config.mlp == "gelu" else "gelu",  # tanh form / erf form
             layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
             attn_pdrop=config.dropout, **common,
             # GPT-2's <|endoftext|> is id 50256; a smaller vocabulary has no such token.
@@ -130,14 +132,21 @@ def to_transformers(model_or_state, config: ModelConfig | None = None):
     return hf_model
 
 
+# GPT2Config.activation_function -> our mlp: "gelu_new" / "gelu_pytorch_tanh" are the tanh form
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+
+
 def config_from_hf(hf_config_obj) -> ModelConfig:
     """transformers GPT2Config / LlamaConfig -> ModelConfig."""
     c = hf_config_obj
     if c.model_type == "gpt2":
+        if c.activation_function not in _GPT2_ACTIVATIONS:
+            raise ValueError(f"GPT-2 activation {c.activation_function!r} is not supported")
         return ModelConfig(
             vocab_size=c.vocab_size, max_seq_len=c.n_positions, d_model=c.n_embd, n_layers=c.n_layer,
             n_heads=c.n_head, d_ff=c.n_inner or 4 * c.n_embd, norm="layernorm", norm_eps=c.layer_norm_epsilon,
-            positions="learned", mlp="gelu", bias=True, tie_embeddings=bool(c.tie_word_embeddings),
+            positions="learned", mlp=_GPT2_ACTIVATIONS[c.activation_function], bias=True,
+            tie_embeddings=bool(c.tie_word_embeddings),
         )
     if c.model_type == "llama":
         rope = getattr(c, "rope_parameters", None) or {}

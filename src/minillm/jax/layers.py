@@ -162,9 +162,10 @@ def attention(
 
 
 # --- feed-forward -------------------------------------------------------------------------------
-def gelu_mlp(params: Params, prefix: str, x: jax.Array) -> jax.Array:
-    """GPT-2's MLP: down(gelu(up(x))), GELU in its tanh approximation (what GPT-2 was trained with)."""
-    return linear(params, f"{prefix}.down", jax.nn.gelu(linear(params, f"{prefix}.up", x), approximate=True))
+def gelu_mlp(params: Params, prefix: str, x: jax.Array, approximate: bool = True) -> jax.Array:
+    """GPT-2's MLP: down(gelu(up(x))); GELU's tanh approximation for mlp="gelu" (what GPT-2 was
+    trained with), the erf form for mlp="gelu_exact"."""
+    return linear(params, f"{prefix}.down", jax.nn.gelu(linear(params, f"{prefix}.up", x), approximate=approximate))
 
 
 def swiglu(params: Params, prefix: str, x: jax.Array) -> jax.Array:
@@ -174,7 +175,9 @@ def swiglu(params: Params, prefix: str, x: jax.Array) -> jax.Array:
 
 
 def mlp(params: Params, prefix: str, config: ModelConfig, x: jax.Array) -> jax.Array:
-    return swiglu(params, prefix, x) if config.mlp == "swiglu" else gelu_mlp(params, prefix, x)
+    if config.mlp == "swiglu":
+        return swiglu(params, prefix, x)
+    return gelu_mlp(params, prefix, x, approximate=config.mlp == "gelu")
 
 
 # --- the block ----------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class PackedBlock(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate="tanh" if self.mlp_kind == "gelu" else "none")  # gelu | gelu_exact
         return _linear(h, self.down_w, self.down_b)
 
 

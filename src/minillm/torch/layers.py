@@ -161,15 +161,17 @@ class Attention(nn.Module):
 
 # --- feed-forward -------------------------------------------------------------------------------
 class GeluMLP(nn.Module):
-    """GPT-2's MLP: down(gelu(up(x))), GELU in its tanh approximation (what GPT-2 was trained with)."""
+    """GPT-2's MLP: down(gelu(up(x))). mlp="gelu" uses GELU's tanh approximation (what GPT-2 was
+    trained with, so its weights reproduce exactly); mlp="gelu_exact" the erf form x·Φ(x)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.approximate = "tanh" if config.mlp == "gelu" else "none"
         self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class SwiGLU(nn.Module):
