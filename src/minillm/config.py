@@ -116,10 +116,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=50257, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
         norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True,
     ),
-    # nanoGPT's Shakespeare-char CPU model (README "I only have a macbook"): 0.8M parameters.
+    # nanoGPT's Shakespeare-char CPU model (README "I only have a macbook"): 0.8M parameters,
+    # with nanoGPT's exact (erf) GELU.
     "gpt-char": dict(
         vocab_size=65, max_seq_len=64, d_model=128, n_layers=4, n_heads=4, d_ff=512,
-        norm="layernorm", positions="learned", mlp="gelu", bias=False, tie_embeddings=True,
+        norm="layernorm", positions="learned", mlp="gelu_exact", bias=False, tie_embeddings=True,
     ),
     # LLaMA-style parts at ~15M parameters (8k BPE vocabulary, tied embeddings).
     "llama-tiny": dict(
