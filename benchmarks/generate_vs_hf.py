@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -90,8 +91,9 @@ def bench_model(name: str, args) -> dict:
 
 
 def report(rows: list[dict], bandwidth: float, args) -> None:
-    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth:.1f} GB/s (read + write); "
+          f"load average {os.getloadavg()[0]:.1f} at the end (other processes share these cores)")
     print(f"batch 1, fp32, greedy, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
           f"median of {args.runs} rounds\n")
     print("| model | params | transformers tok/s | minillm eager tok/s (x HF) | minillm compiled tok/s (x HF) "

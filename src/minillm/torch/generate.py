@@ -152,6 +152,8 @@ def _cache_length(model, prompts: list[list[int]], max_new_tokens: int, context_
     """Cache slots needed; a clear error (or a sliding window when asked) past max_seq_len."""
     if context_overflow not in ("error", "slide"):
         raise ValueError(f"context_overflow must be 'error' or 'slide', got {context_overflow!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
     longest, limit = max(len(p) for p in prompts), model.config.max_seq_len
