@@ -13,14 +13,13 @@ moment leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from minillm.config import ModelConfig
+from minillm.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -31,28 +30,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, or does not fit the expected model."""
 
 
-# --- atomic writes -------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+# Atomic writes live in minillm.files; re-exported here for the run-directory code.
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
 
 
 def read_json(path: str | Path) -> Any:

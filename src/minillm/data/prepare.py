@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from minillm.data.sources import Document, Source, get_source
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
-from minillm.tokenizer.base import atomic_write_text
+from minillm.files import atomic_write_text
 
 META_VERSION = 1
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import regex
+
+from minillm.files import atomic_write_text
 
 # Names callers use -> the strings that appear in text. Order fixes their ids (after the vocabulary).
 SPECIAL_TOKENS: dict[str, str] = {
@@ -38,24 +39,6 @@ SPECIAL_TOKENS: dict[str, str] = {
 }
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see either the old file or the whole new one.
-
-    The text goes to a temporary file in the same directory, which then replaces `path` with
-    `os.replace` (atomic on POSIX and Windows); a crash mid-write leaves no half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from minillm.tokenizer.base import atomic_write_text
+from minillm.files import atomic_write_text
 
 if TYPE_CHECKING:
     from minillm.tokenizer.bpe import BPETokenizer
