@@ -108,7 +108,7 @@ def test_attention_with_fixed_cache_equals_full():
     np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full), atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gelu", "swiglu"])
+@pytest.mark.parametrize("kind", ["gelu", "gelu_exact", "swiglu"])
 def test_mlps(kind):
     cfg = ModelConfig(d_model=32, mlp=kind, bias=kind == "gelu")
     ref = tl.SwiGLU(cfg) if kind == "swiglu" else tl.GeluMLP(cfg)

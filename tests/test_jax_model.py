@@ -49,8 +49,8 @@ def test_full_model_logits_match_torch(name):
     assert np.abs(logits - ref).max() <= 1e-5
 
 
-def test_sinusoidal_positions_and_loss_match_torch():
-    model = torch_model(dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, positions="sinusoidal"))
+def test_sinusoidal_positions_exact_gelu_and_loss_match_torch():
+    model = torch_model(dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, positions="sinusoidal", mlp="gelu_exact"))
     ids = tokens(2, 12, 40)
     targets = tokens(2, 12, 40, seed=2)
     targets[0, :3] = -100  # ignored positions
