@@ -12,7 +12,8 @@ GPT = dict(vocab_size=61, max_seq_len=48, d_model=32, n_layers=2, n_heads=4, bia
 LLAMA = dict(vocab_size=61, max_seq_len=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
              norm="rmsnorm", positions="rope", mlp="swiglu")
 SINUS = dict(GPT, positions="sinusoidal", bias=False, n_kv_heads=1)
-STYLES = {"gpt2": GPT, "llama-gqa": LLAMA, "sinusoidal": SINUS}
+GELU_EXACT = dict(GPT, mlp="gelu_exact", bias=False)  # nanoGPT's MLP
+STYLES = {"gpt2": GPT, "llama-gqa": LLAMA, "sinusoidal": SINUS, "gelu-exact": GELU_EXACT}
 
 
 def make_model(style: str, seed: int = 0, scale: float = 5.0, **overrides) -> Transformer:
@@ -36,7 +37,7 @@ def _prompt(n: int, seed: int = 0, vocab: int = 61) -> list[int]:
 @pytest.mark.parametrize("chunk", [None, 1, 3])
 def test_packed_cache_logits_equal_full_forward(style, chunk):
     """Every decode step's logits (and a chunked prefill's) equal the full uncached forward."""
-    model = make_model(style, scale=1.0)
+    model = make_model(style, scale=3.0)  # large enough that a wrong formula shows above 1e-5
     tokens = _prompt(30, seed=1)
     with torch.inference_mode():
         full = model(torch.tensor([tokens]))[0]  # (T, V)
@@ -52,7 +53,7 @@ def test_packed_cache_logits_equal_full_forward(style, chunk):
 @pytest.mark.parametrize("chunks", [(30,), (10, 1, 1, 5, 13), (1,) * 30])
 def test_module_kv_cache_logits_equal_full_forward(style, chunks):
     """The readable path: model(tokens, positions, kv_caches) block by block, masks bottom-right."""
-    model = make_model(style, scale=1.0)
+    model = make_model(style, scale=3.0)  # large enough that a wrong formula shows above 1e-5
     tokens = torch.tensor([_prompt(30, seed=2)])
     caches = make_caches(model.config, 1, 30)
     with torch.inference_mode():
