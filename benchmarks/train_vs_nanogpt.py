@@ -1,0 +1,144 @@
+"""Training speed and time-to-loss against nanoGPT's CPU recipe, side by side in one run.
+
+    python benchmarks/train_vs_nanogpt.py --nanogpt /path/to/nanoGPT [--rounds 2]
+
+Needs `minillm prepare --source shakespeare --tokenizer char --out data/shakespeare-char` first.
+nanoGPT trains on the same train.bin / val.bin (so the same corpus and split), from a scratch
+dataset folder created inside the given clone and removed afterwards. Runs alternate: nanoGPT,
+ours, nanoGPT, ours ... Reports:
+  (a) tokens/s of configs/nanogpt-cpu.toml vs nanoGPT (same model and hyper-parameters),
+  (b) training time of configs/shakespeare-char-cpu.toml until its val loss first reaches
+      nanoGPT's final val loss, vs nanoGPT's training time (both exclude evaluation),
+  (c) MFU: achieved training FLOP/s over this CPU's measured fp32 matmul peak,
+  (d) our model vs transformers' GPT2LMHeadModel in the same training loop (tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle  # only to *write* the meta.pkl nanoGPT reads; nothing is unpickled here
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000) -> dict:
+    """nanoGPT's README CPU recipe on our train/val split; returns its timings and losses."""
+    name = "minillm_bench"
+    ds = clone / "data" / name
+    ds.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((data / "meta.json").read_text())
+    for split in ("train", "val"):
+        shutil.copy(data / f"{split}.bin", ds / f"{split}.bin")
+    with open(ds / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": meta["vocab_size"]}, f)
+    try:
+        t0 = time.perf_counter()
+        args = [a for a in NANOGPT_ARGS if not a.startswith(("--max_iters", "--lr_decay_iters"))]
+        args += [f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
+        res = subprocess.run([sys.executable, "train.py", *args, f"--dataset={name}", f"--out_dir={out}"],
+                             cwd=clone, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(ds, ignore_errors=True)
+    iters = [(int(m[1]), float(m[2])) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", res.stdout)]
+    evals = [(int(m[1]), float(m[2])) for m in re.finditer(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", res.stdout)]
+    eval_steps = {s for s, _ in evals}
+    # an iteration that follows an evaluation also carries the evaluation's time: use the median there
+    plain = [dt for it, dt in iters if it not in eval_steps and it > 0]
+    med = statistics.median(plain)
+    train_s = sum(dt if it not in eval_steps and it > 0 else med for it, dt in iters) / 1000
+    return dict(ms_per_iter=med, tokens_per_s=12 * 64 / (med / 1000), train_s=train_s, wall_s=wall,
+                final_val=evals[-1][1], evals=evals)
+
+
+def run_ours(config: str, out: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "minillm.cli", "train", "--config", str(ROOT / config), "--quiet",
+           "--set", f'out_dir="{out}"', *[a for o in overrides for a in ("--set", o)]]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r["step"] > 10]
+    evals = [(r["step"], r["val_loss"], r["time"]) for r in rows if r.get("val_loss") is not None]
+    return dict(tokens_per_s=statistics.median(speeds), train_s=rows[-1]["time"], wall_s=wall,
+                final_val=evals[-1][1], evals=evals)
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    """Best fp32 GEMM throughput of this CPU with torch's default threads (FLOP/s)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nanogpt", required=True, type=Path, help="path to a local nanoGPT clone")
+    ap.add_argument("--data", default=ROOT / "data" / "shakespeare-char", type=Path)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=2000, help="nanoGPT's max_iters (2000 is its recipe)")
+    ap.add_argument("--best-steps", type=int, default=500, help="step budget of our recipe for (b)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_loop_vs_hf import loop_ratio  # (d), in its own file to keep this one short
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    ng, ours, best = [], [], []
+    for r in range(args.rounds):
+        ng.append(run_nanogpt(args.nanogpt.resolve(), args.data.resolve(), tmp / f"ng{r}", args.iters))
+        ours.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours{r}", f'data_dir="{args.data.resolve()}"',
+                             f"max_steps={args.iters}"))
+        target = ng[-1]["final_val"]
+        run = run_ours("configs/shakespeare-char-cpu.toml", tmp / f"best{r}", f'data_dir="{args.data.resolve()}"',
+                       "eval_interval=50", f"max_steps={args.best_steps}")
+        hit = next(((s, v, t) for s, v, t in run["evals"] if v <= target), None)
+        best.append(dict(target=target, hit=hit, final_val=run["final_val"], train_s=run["train_s"]))
+        print(f"round {r}: nanoGPT {ng[-1]['tokens_per_s']:,.0f} tok/s val {target:.4f} in {ng[-1]['train_s']:.1f}s | "
+              f"ours {ours[-1]['tokens_per_s']:,.0f} tok/s val {ours[-1]['final_val']:.4f} | best recipe hit {hit}",
+              flush=True)
+    from minillm.config import ModelConfig
+    from minillm.torch.model import Transformer
+
+    peak = matmul_peak_flops()
+    flops_tok = Transformer(ModelConfig.preset("gpt-char", vocab_size=json.loads(
+        (args.data / "meta.json").read_text())["vocab_size"])).flops_per_token(64)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    ng_tps, our_tps = med([n["tokens_per_s"] for n in ng]), med([o["tokens_per_s"] for o in ours])
+    print(f"\n(a) tokens/s: ours {our_tps:,.0f} vs nanoGPT {ng_tps:,.0f} -> {our_tps / ng_tps:.2f}x")
+    hits = [b["hit"][2] for b in best if b["hit"]]
+    ng_s = med([n["train_s"] for n in ng])
+    if hits:
+        print(f"(b) time to nanoGPT's final val loss ({med([b['target'] for b in best]):.4f}): ours {med(hits):.1f}s "
+              f"vs nanoGPT {ng_s:.1f}s -> {med(hits) / ng_s:.2f}x  (ours ends at {med([b['final_val'] for b in best]):.4f})")
+    else:
+        print(f"(b) our recipe did not reach nanoGPT's final val loss: {best}")
+    print(f"(c) MFU: peak fp32 matmul {peak / 1e9:.0f} GFLOP/s; ours {our_tps * flops_tok / peak:.1%}, "
+          f"nanoGPT {ng_tps * flops_tok / peak:.1%} ({flops_tok:,} FLOPs/token)")
+    ours_loop, hf_loop = loop_ratio()
+    print(f"(d) same loop, GPT-2 shape with biases: ours {ours_loop:,.0f} tok/s vs transformers GPT2LMHeadModel "
+          f"{hf_loop:,.0f} tok/s -> {ours_loop / hf_loop:.2f}x")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
