@@ -35,7 +35,7 @@ test-slow: $(FULL)
 demo: $(BASE)
 	$(PY) -m minillm.cli prepare --source shakespeare --tokenizer char --out data/shakespeare-char
 	$(PY) -m minillm.cli train --config $(DEMO_CONFIG)
-	$(PY) -m minillm.cli sample --run runs/shakespeare-char-cpu --prompt "ROMEO:" --max-new-tokens 500 --seed 1
+	$(PY) -m minillm.cli sample --run runs/shakespeare-char-cpu --prompt "ROMEO:" --max-new-tokens 500 --sliding-window --seed 1
 
 bench: $(FULL)
 	@echo "benchmarks: see BENCHMARKS.md for each script's command"
