@@ -152,3 +152,35 @@ def load_run(run_dir: str | Path):
 
         tokenizer = load_tokenizer(tok_path)
     return config, tokenizer, params
+
+
+# --- trainer state: the resume point, shared by the PyTorch and JAX trainers ---------------------
+STATE_FILE = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+    """One atomic file is the unit of resume: trainer_state.safetensors holds the tensors
+    (`model.<name>`, `adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`, `rng.*`) and every scalar
+    as JSON in its header. Then trainer_state.json mirrors the scalars for people, and
+    model.safetensors gets the latest weights for sampling and export."""
+    run_dir = Path(run_dir)
+    save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
+    atomic_write_json(run_dir / STATE_JSON, scalars)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    save_tensors(run_dir / MODEL_FILE, weights, metadata={"format": "minillm-1"})
+
+
+def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors, scalars) of the resume point; CheckpointError if absent or damaged."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path} does not exist")
+    tensors = load_tensors(path)  # raises CheckpointError on a truncated file
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    if "scalars" not in meta:
+        raise CheckpointError(f"{path} has no trainer scalars (not a minillm trainer state?)")
+    return tensors, json.loads(meta["scalars"])

@@ -10,7 +10,6 @@ scalars and `model.safetensors` holds the latest weights. All writes are atomic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from minillm.checkpoint import CheckpointError
 from minillm.jax.model import params_from_canonical, params_to_canonical
 from minillm.jax.train import TrainState
 
-STATE_FILE = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
+from minillm.checkpoint import STATE_FILE, read_trainer_state  # noqa: F401 - shared with torch
 
 
 def adam_moments(opt_state: optax.OptState) -> optax.ScaleByAdamState:
@@ -51,24 +49,7 @@ def save_trainer_state(run_dir: str | Path, state: TrainState, rng: jax.Array, s
     tensors["rng.jax"] = np.asarray(jax.random.key_data(rng))
     step = int(adam.count)
     scalars = {**scalars, "adam_steps": {k: float(step) for k in params}}
-    checkpoint.save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
-    checkpoint.atomic_write_json(run_dir / STATE_JSON, scalars)
-    checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, params, metadata={"format": "minillm-1"})
-
-
-def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, scalars) of the resume point; CheckpointError if absent or damaged."""
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"nothing to resume: {path} does not exist")
-    from safetensors import safe_open
-
-    tensors = checkpoint.load_tensors(path)  # raises CheckpointError on a truncated file
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-    if "scalars" not in meta:
-        raise CheckpointError(f"{path} has no trainer scalars (not a minillm trainer state?)")
-    return tensors, json.loads(meta["scalars"])
+    checkpoint.write_trainer_state(run_dir, tensors, scalars)
 
 
 def restore_trainer_state(state: TrainState, tensors: dict[str, np.ndarray], scalars: dict,

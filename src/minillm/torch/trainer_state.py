@@ -9,7 +9,6 @@ people to read; `model.safetensors` is the latest weights for sampling and expor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,8 @@ import numpy as np
 import torch
 
 from minillm import checkpoint
-from minillm.checkpoint import CheckpointError
 
-STATE_FILE = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
+from minillm.checkpoint import STATE_FILE, read_trainer_state  # noqa: F401 - shared with JAX
 
 
 def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -67,27 +64,7 @@ def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalar
             steps[name] = float(opt_state[i]["step"])
     for key, value in _rng_tensors().items():
         tensors[key] = value.cpu().numpy()
-    scalars = {**scalars, "adam_steps": steps}
-    checkpoint.save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
-    checkpoint.atomic_write_json(run_dir / STATE_JSON, scalars)
-    checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, {k: v for k, v in
-                            ((n[len("model."):], t) for n, t in tensors.items() if n.startswith("model."))},
-                            metadata={"format": "minillm-1"})
-
-
-def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors, scalars) of the resume point; CheckpointError if absent or damaged."""
-    path = Path(run_dir) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"nothing to resume: {path} does not exist")
-    from safetensors import safe_open
-
-    tensors = checkpoint.load_tensors(path)  # raises CheckpointError on a truncated file
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-    if "scalars" not in meta:
-        raise CheckpointError(f"{path} has no trainer scalars (not a minillm trainer state?)")
-    return tensors, json.loads(meta["scalars"])
+    checkpoint.write_trainer_state(run_dir, tensors, {**scalars, "adam_steps": steps})
 
 
 def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.ndarray], scalars: dict, config) -> None:
@@ -106,7 +83,8 @@ def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.nd
             }
     opt_sd = opt.state_dict()
     opt.load_state_dict({"state": state, "param_groups": opt_sd["param_groups"]})
-    torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
+    if "rng.torch" in tensors:  # absent in a state written by the JAX trainer
+        torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
     cuda_states = [torch.from_numpy(tensors[f"rng.cuda.{i}"]) for i in range(torch.cuda.device_count())
                    if f"rng.cuda.{i}" in tensors]
     if cuda_states:
