@@ -87,6 +87,13 @@ def test_run_directory_and_both_frameworks_sample_it_alike(tmp_path, data_dir, c
     assert capsys.readouterr().out == "Bob" + jg.sample_texts(run, "Bob", 1, 24, temperature=0)[0] + "\n"
     cut = jg.sample_texts(run, "Bob", 2, 24, temperature=0, stop_strings=["e"])
     assert cut[0] == cut[1] and "e" not in cut[0]
+    # and `minillm sample --backend jax` prints the same as the PyTorch sampler
+    args = ["sample", "--run", str(run), "--prompt", "Bob", "--temperature", "0", "--max-new-tokens", "24"]
+    assert cli(args) == 0
+    torch_out = capsys.readouterr().out
+    assert cli(args + ["--backend", "jax"]) == 0
+    assert capsys.readouterr().out == torch_out
+    assert cli(args + ["--backend", "jax", "--num-beams", "2"]) == 2  # unsupported there: a clear error
 
 
 def test_torch_trained_model_samples_identically_in_jax(tmp_path, data_dir):

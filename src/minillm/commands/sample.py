@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample at a time)")
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch", help="framework that runs the model")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.num_beams < 1:
         raise ValueError("--num-samples and --num-beams must be >= 1")
     text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    if args.backend == "jax":
+        return _run_jax(args, text)
     model, tokenizer = load_for_generation(args)
     ids = prompt_ids(tokenizer, text)
     kwargs = sampling_kwargs(args, model, tokenizer)
@@ -57,6 +60,18 @@ def run(args: argparse.Namespace) -> int:
     seeds = None if args.seed is None else [args.seed + i for i in range(args.num_samples)]
     outs = generate(model, [ids] * args.num_samples, args.max_new_tokens, seed=seeds, tokenizer=tokenizer, **kwargs)
     print("\n---------------\n".join(text + _text(tokenizer, out, kwargs) for out in outs))
+    return 0
+
+
+def _run_jax(args: argparse.Namespace, text: str) -> int:
+    """The same sampler in JAX (minillm.jax.generate), for the options it supports."""
+    if args.min_p or args.repetition_penalty or args.num_beams > 1 or args.sliding_window or args.stream:
+        raise ValueError("--backend jax supports --temperature, --top-k, --top-p, --stop, --seed, --num-samples")
+    from minillm.jax.generate import sample_texts
+
+    outs = sample_texts(args.run, text, args.num_samples, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
+    print("\n---------------\n".join(text + out for out in outs))
     return 0
 
 
