@@ -184,3 +184,29 @@ def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict
     if "scalars" not in meta:
         raise CheckpointError(f"{path} has no trainer scalars (not a minillm trainer state?)")
     return tensors, json.loads(meta["scalars"])
+
+
+# --- a training run's data directory, checked the same way by both trainers ----------------------
+def check_data_dir(data_dir: str | Path, vocab_size: int) -> dict[str, Any]:
+    """meta.json of a prepared data directory; clear errors for a missing file or a model
+    vocabulary smaller than the tokenizer's."""
+    data_dir = Path(data_dir)
+    for name in ("train.bin", "val.bin", "meta.json", TOKENIZER_FILE):
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(f"{data_dir / name} not found: prepare the data first, e.g. "
+                                    f"`minillm prepare --source shakespeare --tokenizer char --out {data_dir}`")
+    meta = read_json(data_dir / "meta.json")
+    if vocab_size < int(meta["vocab_size"]):
+        raise ValueError(f"model.vocab_size ({vocab_size}) is smaller than the data's tokenizer vocabulary "
+                         f"({meta['vocab_size']}); remove vocab_size from the config to use the data's")
+    return meta
+
+
+def check_run_tokenizer(run_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuse a run directory whose tokenizer is not the one the data was made with."""
+    existing = Path(run_dir) / TOKENIZER_FILE
+    data_tok = read_json(Path(data_dir) / TOKENIZER_FILE)
+    if existing.is_file() and read_json(existing) != data_tok:
+        raise CheckpointError(
+            f"{existing} does not match the tokenizer of {data_dir} (the data was tokenized differently); "
+            "use another out_dir or the data this run was trained on")

@@ -227,6 +227,21 @@ def train_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None
     return from_dict(TrainConfig, d)
 
 
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   min_p: float | None = None, repetition_penalty: float | None = None) -> None:
+    """Validate sampling settings (shared by the PyTorch and JAX samplers); None/0 = filter off."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
 # --- generic dataclass <-> dict / TOML / overrides (shared by every config class) ---------------
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
     """Build dataclass `cls` from a dict; unknown keys are an error that names them."""
@@ -321,6 +336,6 @@ def model_config_from_json(path: str | Path) -> ModelConfig:
 
 __all__ = [
     "ModelConfig", "TrainConfig", "MODEL_PRESETS", "train_config_from_dict", "model_config_from_table",
-    "load_train_config", "from_dict", "parse_overrides", "parse_value", "load_toml",
+    "load_train_config", "check_sampling", "from_dict", "parse_overrides", "parse_value", "load_toml",
     "model_config_from_toml", "model_config_from_json",
 ]

@@ -11,7 +11,6 @@ The same update as minillm/torch/train.py (Trainer.train_step) with torch.optim.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from minillm import checkpoint
 from minillm.config import ModelConfig, TrainConfig
 from minillm.jax.model import Params, forward, next_token_loss
 
@@ -163,7 +163,7 @@ class Trainer:
         self.cfg, self.is_main = cfg, jax.process_index() == 0
         self.quiet = (not sys.stderr.isatty()) if quiet is None else quiet
         self.run_dir, self.data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
-        self.meta = _check_data_dir(self.data_dir, cfg)
+        self.meta = checkpoint.check_data_dir(self.data_dir, cfg.model.vocab_size)
         micro = cfg.batch_size // cfg.grad_accum
         self.train = BatchLoader(self.data_dir, cfg.block_size, micro, seed=cfg.seed)
         self.val = BatchLoader(self.data_dir, cfg.block_size, micro, split="val", seed=cfg.seed + 1)
@@ -177,7 +177,7 @@ class Trainer:
         if resume:
             self._resume()
         elif self.is_main:
-            _check_run_dir(self.run_dir, self.data_dir)
+            checkpoint.check_run_tokenizer(self.run_dir, self.data_dir)
         n = len(jax.devices())
         self.mesh = parallel.make_mesh() if n > 1 and micro % n == 0 else None
         if self.mesh is None:
@@ -189,7 +189,6 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def _resume(self) -> None:
-        from minillm import checkpoint
         from minillm.jax.trainer_state import read_trainer_state, restore_trainer_state
 
         tensors, s = read_trainer_state(self.run_dir)
@@ -198,7 +197,7 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{self.run_dir} was trained with a different model config (another architecture?): "
                 f"saved {saved}, asked for {self.cfg.model}")
-        _check_run_dir(self.run_dir, self.data_dir)
+        checkpoint.check_run_tokenizer(self.run_dir, self.data_dir)
         self.state, rng = restore_trainer_state(self.state, tensors, s, self.cfg.model)
         self.rng = rng if rng is not None else self.rng
         self.step, self.tokens, self.elapsed, self.best_val = s["step"], s["tokens"], s["elapsed"], s["best_val"]
@@ -209,7 +208,6 @@ class Trainer:
 
     def save(self, run_dir: Path | None = None, best_val: float | None = None) -> None:
         """The full resume point in out_dir; with run_dir=best/, only config, tokenizer and weights."""
-        from minillm import checkpoint
         from minillm.jax.model import params_to_canonical
         from minillm.jax.trainer_state import save_trainer_state
 
@@ -270,32 +268,6 @@ class Trainer:
         from minillm.jax.train_loop import run_loop
 
         return run_loop(self)
-
-
-def _check_data_dir(data_dir: Path, cfg: TrainConfig) -> dict:
-    """meta.json of a prepared data directory; clear errors for a missing file or a small vocab."""
-    from minillm import checkpoint
-
-    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
-        if not (data_dir / name).is_file():
-            raise FileNotFoundError(f"{data_dir / name} not found: prepare the data first, e.g. "
-                                    f"`minillm prepare --source shakespeare --tokenizer char --out {data_dir}`")
-    meta = checkpoint.read_json(data_dir / "meta.json")
-    if cfg.model.vocab_size < int(meta["vocab_size"]):
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
-                         f"tokenizer vocabulary ({meta['vocab_size']}); remove vocab_size from the config to use the data's")
-    return meta
-
-
-def _check_run_dir(run_dir: Path, data_dir: Path) -> None:
-    """Refuse a run directory whose tokenizer is not the one the data was made with."""
-    from minillm.checkpoint import TOKENIZER_FILE, CheckpointError
-
-    existing = run_dir / TOKENIZER_FILE
-    data_tok = json.loads((data_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    if existing.is_file() and json.loads(existing.read_text(encoding="utf-8")) != data_tok:
-        raise CheckpointError(f"{existing} does not match the tokenizer of {data_dir} (the data was tokenized "
-                              "differently); use another out_dir or the data this run was trained on")
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool | None = None) -> dict:

@@ -7,13 +7,11 @@ a run whose tokenizer differs from the data's is refused before anything is writ
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from minillm import checkpoint
-from minillm.checkpoint import CheckpointError
 from minillm.config import TrainConfig
 from minillm.data.loader import BatchLoader
 
@@ -22,16 +20,7 @@ class RunData:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.dir = Path(cfg.data_dir)
-        for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
-            if not (self.dir / name).is_file():
-                raise FileNotFoundError(
-                    f"{self.dir / name} not found: prepare the data first, e.g. "
-                    f"`minillm prepare --source shakespeare --tokenizer char --out {self.dir}`")
-        self.meta = checkpoint.read_json(self.dir / "meta.json")
-        vocab = int(self.meta["vocab_size"])
-        if cfg.model.vocab_size < vocab:
-            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's "
-                             f"tokenizer vocabulary ({vocab}); remove vocab_size from the config to use the data's")
+        self.meta = checkpoint.check_data_dir(self.dir, cfg.model.vocab_size)
         micro = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
         if micro % world:
             raise ValueError(f"micro-batch {micro} (batch_size / grad_accum) must be divisible by "
@@ -60,12 +49,7 @@ class RunData:
         return (self.dir / "tokenizer.json").read_text(encoding="utf-8")
 
     def check_run_dir(self, run_dir: Path) -> None:
-        """Refuse a run directory whose tokenizer is not the one the data was made with."""
-        existing = Path(run_dir) / checkpoint.TOKENIZER_FILE
-        if existing.is_file() and json.loads(existing.read_text(encoding="utf-8")) != json.loads(self.tokenizer_text()):
-            raise CheckpointError(
-                f"{existing} does not match the tokenizer of {self.dir} (the data was tokenized differently); "
-                "use another out_dir or the data this run was trained on")
+        checkpoint.check_run_tokenizer(run_dir, self.dir)
 
     def save_run_files(self, run_dir: Path, cfg: TrainConfig) -> None:
         run_dir = Path(run_dir)

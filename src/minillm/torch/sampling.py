@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minillm.config import check_sampling
+
 NEG_INF = float("-inf")
 
 
@@ -36,16 +38,7 @@ class SamplingConfig:
     repetition_penalty: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 
     @property
     def greedy(self) -> bool:
