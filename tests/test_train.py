@@ -181,3 +181,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, data_dir):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
     wa, wb = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
     assert all(np.allclose(wa[n], wb[n], atol=1e-5) for n in wa)
+
+
+def test_no_periodic_eval_or_checkpoint_still_ends_with_both(tmp_path, data_dir):
+    cfg = _config(tmp_path, data_dir, "run", steps=5)
+    assert cli(["train", "--config", str(cfg), "--quiet", "--set", "eval_interval=0", "--set", "checkpoint_interval=0"]) == 0
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 5

@@ -98,7 +98,7 @@ def run_loop(t) -> dict:
             if cfg.eval_interval and t.step % cfg.eval_interval == 0:
                 val = _evaluate(t, bar, clock, losses)
                 window = (time.perf_counter(), 0)
-            elif t.step % every_ckpt == 0:
+            elif every_ckpt and t.step % every_ckpt == 0:  # 0: only the final checkpoint
                 t.elapsed = clock.now()
                 t.save()
     except KeyboardInterrupt:

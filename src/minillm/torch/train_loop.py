@@ -81,7 +81,7 @@ def run_loop(t) -> dict:
                 val = _eval_and_checkpoint(t, bar, train_losses)
                 train_losses, started = [], time.perf_counter()
                 window_start, window_tokens = started, 0
-            elif t.step % ckpt_every == 0:
+            elif ckpt_every and t.step % ckpt_every == 0:  # 0: only the final checkpoint
                 t.elapsed += time.perf_counter() - started
                 started = time.perf_counter()
                 t.save()
