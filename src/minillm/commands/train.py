@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub) -> None:
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume, quiet=True if args.quiet else None)
     if summary.get("interrupted"):
         return 130
-    print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
-          f"{summary.get('tokens_per_s', 0):,.0f} tokens/s; run directory {cfg.out_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+        print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
+              f"{summary.get('tokens_per_s', 0):,.0f} tokens/s; run directory {cfg.out_dir}")
     return 0
