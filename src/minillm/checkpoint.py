@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from minillm.config import ModelConfig
-from minillm.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from minillm.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 - re-exported
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -29,9 +29,6 @@ TOKENIZER_FILE = "tokenizer.json"
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, or does not fit the expected model."""
 
-
-# Atomic writes live in minillm.files; re-exported here for the run-directory code.
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
 
 
 def read_json(path: str | Path) -> Any:
