@@ -33,15 +33,30 @@ def _prompt(n: int, seed: int = 0, vocab: int = 61) -> list[int]:
 
 
 # --- cached == uncached -------------------------------------------------------------------------
+def _trace_compiled_step_eagerly(monkeypatch) -> None:
+    """Run what compile=True compiles, without compiling: the [out, in] weights, the row-dot
+    products that only run under torch.compile, and the written-out attention."""
+    from minillm.torch import generate as gen
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(gen, "compile_decoder",
+                        lambda packed: lambda *args: packed(*args, last_only=True, manual_attention=True))
+    gen._PACKED.clear()
+
+
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("chunk", [None, 1, 3])
-def test_packed_cache_logits_equal_full_forward(style, chunk):
-    """Every decode step's logits (and a chunked prefill's) equal the full uncached forward."""
+@pytest.mark.parametrize("compiled_layout", [False, True])
+def test_packed_cache_logits_equal_full_forward(style, chunk, compiled_layout, monkeypatch):
+    """Every decode step's logits (and a chunked prefill's) equal the full uncached forward,
+    for both packings: eager ([in, out], addmm) and the compiled step's ([out, in], row dots)."""
+    if compiled_layout:
+        _trace_compiled_step_eagerly(monkeypatch)
     model = make_model(style, scale=3.0)  # large enough that a wrong formula shows above 1e-5
     tokens = _prompt(30, seed=1)
     with torch.inference_mode():
         full = model(torch.tensor([tokens]))[0]  # (T, V)
-        seqs = Sequences(get_decoder(model), 30, 61)
+        seqs = Sequences(get_decoder(model, compile=compiled_layout), 30, 61)
         got = [seqs.prefill([tokens[:10]], chunk)]
         for t in tokens[10:]:
             got.append(seqs.decode(torch.tensor([t])))
@@ -202,8 +217,8 @@ def test_compiled_decode_matches_eager_and_follows_weight_changes():
     """torch.compile'd decode steps (frozen weights) give the eager tokens, also after the weights change."""
     for style in ("gpt2", "llama-gqa"):
         model = make_model(style)
-        prompts = [[1, 2, 3], [4, 5]]
-        assert generate(model, prompts, 12, temperature=0, compile=True) == generate(model, prompts, 12, temperature=0)
+        for prompts in ([[1, 2, 3], [4, 5]], [1, 2, 3]):  # batched (micro-GEMMs) and batch 1 (row dots)
+            assert generate(model, prompts, 12, temperature=0, compile=True) == generate(model, prompts, 12, temperature=0)
         with torch.no_grad():
             model.norm.weight.mul_(-1.0)
         assert generate(model, prompts, 12, temperature=0, compile=True) == generate(model, prompts, 12, temperature=0)

@@ -3,8 +3,11 @@
 Same mathematics as `Transformer.forward` (tests compare the two to 1e-5), arranged for speed:
 - Q, K and V are one fused matrix, SwiGLU's gate and up are one fused matrix, so each layer does
   fewer, larger matrix products.
-- Weights are stored [in, out] and applied with `addmm`: for a single token (a matrix-vector
-  product) MKL streams this layout ~1.5-2x faster than `F.linear` on [out, in] on CPU.
+- Weight layout follows what runs the matrix-vector products of a decode step fastest:
+  eager: [in, out], applied with `addmm` (MKL streams this layout ~1.5x faster than `F.linear`
+  on [out, in]); compiled: [out, in], each product written as a row-wise dot product that
+  Inductor turns into one vectorised reduction streaming the weights at ~40 GB/s, ~3x MKL's
+  single-token `sgemv` here (BENCHMARKS.md). The tied head then is the embedding table itself.
 - Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
   most of a tiny model's decode step).
 - Keys/values are written into the caches at explicit slots (`index_copy_`) and attention runs
@@ -25,9 +28,10 @@ from torch import nn
 from minillm.torch.layers import rotate_half
 
 
-def _fused(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate linear layers along their outputs; weight as [in, out], bias (out,) or None."""
-    w = torch.cat([lin.weight.detach() for lin in linears], dim=0).t().contiguous()
+def _fused(*linears: nn.Linear, out_in: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate linear layers along their outputs; weight as [out, in] or [in, out], bias (out,) or None."""
+    w = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (out, in)
+    w = w.contiguous() if out_in else w.t().contiguous()
     b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears]).contiguous()
     return w, b
 
@@ -39,25 +43,32 @@ def _norm(x: torch.Tensor, kind: str, w: torch.Tensor, b: torch.Tensor | None, e
     return F.layer_norm(x, w.shape, w, b, eps)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x (N, in) @ w (in, out) + b -> (N, out)."""
-    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out_in: bool) -> torch.Tensor:
+    """x (N, in) times w -> (N, out); w is (out, in) when out_in, else (in, out)."""
+    if not out_in:
+        return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+    if x.size(0) == 1 and torch.compiler.is_compiling():
+        # One token: y[o] = sum_i w[o, i] x[i], written out so Inductor emits a single reduction
+        # loop over contiguous rows of w (no (1, out, in) temporary is ever materialised).
+        y = (x[:, None, :] * w).sum(-1)  # (1, out)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
 
 
 class PackedBlock(nn.Module):
     """One Transformer block's weights, fused and transposed. Buffers, so compile can freeze them."""
 
-    def __init__(self, block, config):
+    def __init__(self, block, config, out_in: bool = False):
         super().__init__()
-        self.norm_kind, self.eps, self.mlp_kind = config.norm, config.norm_eps, config.mlp
+        self.norm_kind, self.eps, self.mlp_kind, self.out_in = config.norm, config.norm_eps, config.mlp, out_in
         for name in ("attn_norm", "mlp_norm"):
             norm = getattr(block, name)
             self.register_buffer(f"{name}_w", norm.weight.detach().clone())
             self.register_buffer(f"{name}_b", None if getattr(norm, "bias", None) is None else norm.bias.detach().clone())
         attn, mlp = block.attn, block.mlp
-        for name, (w, b) in {"qkv": _fused(attn.q, attn.k, attn.v), "o": _fused(attn.o),
-                             "up": _fused(mlp.gate, mlp.up) if config.mlp == "swiglu" else _fused(mlp.up),
-                             "down": _fused(mlp.down)}.items():
+        up = (mlp.gate, mlp.up) if config.mlp == "swiglu" else (mlp.up,)
+        for name, (w, b) in {"qkv": _fused(attn.q, attn.k, attn.v, out_in=out_in), "o": _fused(attn.o, out_in=out_in),
+                             "up": _fused(*up, out_in=out_in), "down": _fused(mlp.down, out_in=out_in)}.items():
             self.register_buffer(f"{name}_w", w)
             self.register_buffer(f"{name}_b", b)
 
@@ -66,21 +77,23 @@ class PackedBlock(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (N, D)."""
-        h = _linear(x, self.up_w, self.up_b)  # (N, F) or (N, 2F) = [gate | up]
+        h = _linear(x, self.up_w, self.up_b, self.out_in)  # (N, F) or (N, 2F) = [gate | up]
         if self.mlp_kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh" if self.mlp_kind == "gelu" else "none")  # gelu | gelu_exact
-        return _linear(h, self.down_w, self.down_b)
+        return _linear(h, self.down_w, self.down_b, self.out_in)
 
 
 class PackedModel(nn.Module):
-    """A Transformer's weights laid out for inference, and its cached forward pass."""
+    """A Transformer's weights laid out for inference, and its cached forward pass.
+    out_in: weights as [out, in], for a compiled decode step (see the module docstring)."""
 
-    def __init__(self, model):
+    def __init__(self, model, out_in: bool = False):
         super().__init__()
         c = self.config = model.config
+        self.out_in = out_in
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.register_buffer("tok_emb", model.tok_emb.weight.detach().clone())
         pos = {"learned": lambda: model.pos_emb.weight, "sinusoidal": lambda: model.sin_table}.get(c.positions)
@@ -88,10 +101,12 @@ class PackedModel(nn.Module):
         rope = c.positions == "rope"
         self.register_buffer("rope_cos", model.rope_cos.clone() if rope else None)
         self.register_buffer("rope_sin", model.rope_sin.clone() if rope else None)
-        self.blocks = nn.ModuleList(PackedBlock(b, c) for b in model.blocks)
+        self.blocks = nn.ModuleList(PackedBlock(b, c, out_in) for b in model.blocks)
         self.register_buffer("norm_w", model.norm.weight.detach().clone())
         self.register_buffer("norm_b", None if getattr(model.norm, "bias", None) is None else model.norm.bias.detach().clone())
-        self.register_buffer("head_w", model.lm_head.weight.detach().t().contiguous())  # (D, V)
+        head = model.lm_head.weight.detach()  # (V, D)
+        tied = c.tie_embeddings and out_in  # then the head is the embedding table itself
+        self.register_buffer("head_w", self.tok_emb if tied else head.clone() if out_in else head.t().contiguous())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True,
@@ -119,7 +134,8 @@ class PackedModel(nn.Module):
             x = x + blk.mlp(blk.norm(x, "mlp_norm"))
         if last_only:
             x = x.view(B, T, -1)[:, -1]  # (B, D)
-        logits = _norm(x, self.config.norm, self.norm_w, self.norm_b, self.config.norm_eps) @ self.head_w
+        logits = _linear(_norm(x, self.config.norm, self.norm_w, self.norm_b, self.config.norm_eps), self.head_w, None,
+                         self.out_in)  # (N', V)
         return logits if last_only else logits.view(B, T, -1)  # (B, V) or (B, T, V)
 
     def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +152,7 @@ class PackedModel(nn.Module):
                   k_cache: torch.Tensor, v_cache: torch.Tensor, manual_attention: bool = False) -> torch.Tensor:
         """x (N, D) -> (N, D): fused QKV, RoPE, cache write, grouped-query attention, output projection."""
         H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = _linear(x, blk.qkv_w, blk.qkv_b).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H+2K, T, hd)
+        qkv = _linear(x, blk.qkv_w, blk.qkv_b, self.out_in).view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H+2K, T, hd)
         qk, v = qkv[:, :H + K], qkv[:, H + K:]
         if rope is not None:  # queries and keys are adjacent in the fused layout: rotate both at once
             cos, sin = rope
@@ -153,4 +169,4 @@ class PackedModel(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias)  # (B, K, G*T, hd)
         y = y.view(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)  # (N, D)
-        return _linear(y, blk.o_w, blk.o_b)
+        return _linear(y, blk.o_w, blk.o_b, self.out_in)

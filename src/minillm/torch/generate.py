@@ -22,20 +22,23 @@ from minillm.torch.decode import PackedModel
 from minillm.torch.kv_cache import make_caches
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next
 
-_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (fingerprint, Decoder)
+_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {compile: (fingerprint, Decoder)}
 
 
 # --- the packed model, built once per set of weights ------------------------------------------------
 class Decoder:
-    """A model's PackedModel, and its torch.compile'd decode step once one is asked for."""
+    """A model's PackedModel, and with compile=True its torch.compile'd decode step.
 
-    def __init__(self, model):
-        self.packed = PackedModel(model).eval()
+    The weight layout differs between the two (minillm.torch.decode), so each mode packs its own."""
+
+    def __init__(self, model, compile: bool = False):
+        self.packed = PackedModel(model, out_in=compile).eval()
+        self.compile = compile
         self.compiled = None
 
-    def __call__(self, *args, compile: bool = False) -> torch.Tensor:
-        """PackedModel.forward(*args); compiled when asked (used for decode steps only)."""
-        if not compile:
+    def __call__(self, *args, decode_step: bool = False) -> torch.Tensor:
+        """PackedModel.forward(*args); the compiled version for decode steps when compiling."""
+        if not (self.compile and decode_step):
             return self.packed(*args)
         if self.compiled is None:
             self.compiled = compile_decoder(self.packed)
@@ -43,10 +46,10 @@ class Decoder:
 
 
 def compile_decoder(packed: PackedModel):
-    """torch.compile a decode step: max-autotune (C++ micro-GEMMs for the matrix-vector products),
-    one full graph, frozen weights (folded in as constants), written-out attention (it fuses):
-    the setting that measured fastest on CPU (BENCHMARKS.md). Compiles on the first call, and
-    again for each new batch size / cache length."""
+    """torch.compile a decode step: one full graph, written-out attention (it fuses), and
+    matrix-vector products as row-wise reductions (minillm.torch.decode). For batched decoding
+    (several rows per product) max-autotune picks C++ micro-GEMMs over frozen, prepacked
+    weights. Compiles on the first call, and again for each new batch size / cache length."""
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(packed, fullgraph=True, options={"max_autotune": True, "coordinate_descent_tuning": True})
@@ -63,15 +66,16 @@ def compile_decoder(packed: PackedModel):
     return step
 
 
-def get_decoder(model) -> Decoder:
-    """The Decoder of `model`, rebuilt only when its weights changed (training, load_state_dict)."""
+def get_decoder(model, compile: bool = False) -> Decoder:
+    """The Decoder of `model` for this mode, rebuilt only when its weights changed (training,
+    load_state_dict)."""
     tensors = list(model.parameters()) + list(model.buffers())
     fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
-    cached = _PACKED.get(model)
+    cached = _PACKED.setdefault(model, {}).get(compile)
     if cached is None or cached[0] != fingerprint:
         with torch.inference_mode(False), torch.no_grad():
-            cached = (fingerprint, Decoder(model))
-        _PACKED[model] = cached
+            cached = (fingerprint, Decoder(model, compile))
+        _PACKED[model][compile] = cached
     return cached[1]
 
 
@@ -83,10 +87,9 @@ class Sequences:
     count from its first real token, so it computes exactly what it would compute alone.
     """
 
-    def __init__(self, decoder: Decoder, max_len: int, vocab_size: int, track_seen: bool = False,
-                 compile: bool = False):
+    def __init__(self, decoder: Decoder, max_len: int, vocab_size: int, track_seen: bool = False):
         self.decoder, self.max_len, self.vocab_size = decoder, max_len, vocab_size
-        self.track_seen, self.compile = track_seen, compile
+        self.track_seen = track_seen
         self.slots = torch.arange(max_len)  # (S,)
 
     def prefill(self, prompts: list[list[int]], chunk_size: int | None = None) -> torch.Tensor:
@@ -121,7 +124,7 @@ class Sequences:
             self.seen[torch.arange(len(tokens)), tokens] = True
         self.bias[..., s] = 0.0  # slot s now holds a real token of every row
         logits = self.decoder(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1], self.bias,
-                              self.k_caches, self.v_caches, compile=self.compile)
+                              self.k_caches, self.v_caches, decode_step=True)
         self.length = s + 1
         return logits
 
@@ -187,8 +190,8 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: 
     max_new_tokens steps or when every row has produced a stop token. (Finished rows keep
     running in the batch; callers drop what follows their stop token.)"""
     window = _cache_length(model, prompts, max_new_tokens, context_overflow)
-    seqs = Sequences(get_decoder(model), window, model.config.vocab_size,
-                     track_seen=sampling.repetition_penalty not in (None, 1.0), compile=compile)
+    seqs = Sequences(get_decoder(model, compile), window, model.config.vocab_size,
+                     track_seen=sampling.repetition_penalty not in (None, 1.0))
     generators = _generators(seed, len(prompts))
     stop, done = set(stop_token_ids), [False] * len(prompts)
     history = [p[-window:] for p in prompts]  # kept only for the sliding window
