@@ -37,7 +37,10 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas, eps: float, weight
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
               {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # The fused kernel does the whole update in one pass per tensor: ~5x faster than foreach on
+    # CPU for a 0.8M-parameter model, 4% of the whole training step (BENCHMARKS.md).
+    fused = all(p.device.type in ("cpu", "cuda") for p in params.values())
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
     return opt, decay + no_decay
 
 
