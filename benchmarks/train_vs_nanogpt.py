@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--data", default=ROOT / "data" / "shakespeare-char", type=Path)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=2000, help="nanoGPT's max_iters (2000 is its recipe)")
-    ap.add_argument("--best-steps", type=int, default=1000, help="step budget of our recipe for (b)")
+    ap.add_argument("--best-steps", type=int, default=700, help="step budget of our recipe for (b)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from train_loop_vs_hf import loop_ratio  # (d), in its own file to keep this one short
