@@ -6,10 +6,12 @@ Needs `minillm prepare --source shakespeare --tokenizer char --out data/shakespe
 nanoGPT trains on the same train.bin / val.bin (so the same corpus and split), from a scratch
 dataset folder created inside the given clone and removed afterwards. Runs alternate: nanoGPT,
 ours, nanoGPT, ours ... Reports:
-  (a) tokens/s of configs/nanogpt-cpu.toml vs nanoGPT (same model and hyper-parameters),
+  (a) tokens/s of configs/nanogpt-cpu.toml vs nanoGPT (same model and hyper-parameters), at the
+      config's dtype "auto" (bf16 autocast on CPUs with native bf16; nanoGPT's CPU path is always
+      fp32) and at --set dtype="float32",
   (b) training time of configs/shakespeare-char-cpu.toml until its val loss first reaches
       nanoGPT's final val loss, vs nanoGPT's training time (both exclude evaluation),
-  (c) MFU: achieved training FLOP/s over this CPU's measured fp32 matmul peak,
+  (c) MFU: achieved training FLOP/s over this CPU's measured matmul peak in the dtype used,
   (d) our model vs transformers' GPT2LMHeadModel in the same training loop (tokens/s).
 """
 
@@ -76,11 +78,11 @@ def run_ours(config: str, out: Path, *overrides: str) -> dict:
                 final_val=evals[-1][1], evals=evals)
 
 
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 GEMM throughput of this CPU with torch's default threads (FLOP/s)."""
+def matmul_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 10) -> float:
+    """Best GEMM throughput of this CPU in `dtype` with torch's default threads (FLOP/s)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -103,28 +105,37 @@ def main() -> None:
     from train_loop_vs_hf import loop_ratio  # (d), in its own file to keep this one short
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    ng, ours, best = [], [], []
+    ng, ours, ours32, best = [], [], [], []
     for r in range(args.rounds):
         ng.append(run_nanogpt(args.nanogpt.resolve(), args.data.resolve(), tmp / f"ng{r}", args.iters))
         ours.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours{r}", f'data_dir="{args.data.resolve()}"',
                              f"max_steps={args.iters}"))
+        ours32.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours32_{r}", f'data_dir="{args.data.resolve()}"',
+                               f"max_steps={args.iters}", 'dtype="float32"'))
         target = ng[-1]["final_val"]
         run = run_ours("configs/shakespeare-char-cpu.toml", tmp / f"best{r}", f'data_dir="{args.data.resolve()}"',
                        "eval_interval=50", f"max_steps={args.best_steps}")
         hit = next(((s, v, t) for s, v, t in run["evals"] if v <= target), None)
         best.append(dict(target=target, hit=hit, final_val=run["final_val"], train_s=run["train_s"]))
         print(f"round {r}: nanoGPT {ng[-1]['tokens_per_s']:,.0f} tok/s val {target:.4f} in {ng[-1]['train_s']:.1f}s | "
-              f"ours {ours[-1]['tokens_per_s']:,.0f} tok/s val {ours[-1]['final_val']:.4f} | best recipe hit {hit}",
+              f"ours {ours[-1]['tokens_per_s']:,.0f} tok/s val {ours[-1]['final_val']:.4f} | ours fp32 "
+              f"{ours32[-1]['tokens_per_s']:,.0f} tok/s val {ours32[-1]['final_val']:.4f} | best recipe hit {hit}",
               flush=True)
+    import torch
+
     from minillm.config import ModelConfig
     from minillm.torch.model import Transformer
+    from minillm.torch.train import resolve_dtype
 
-    peak = matmul_peak_flops()
+    auto = str(resolve_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")
+    peak, peak_auto = matmul_peak_flops(), matmul_peak_flops(auto)
     flops_tok = Transformer(ModelConfig.preset("gpt-char", vocab_size=json.loads(
         (args.data / "meta.json").read_text())["vocab_size"])).flops_per_token(64)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     ng_tps, our_tps = med([n["tokens_per_s"] for n in ng]), med([o["tokens_per_s"] for o in ours])
-    print(f"\n(a) tokens/s: ours {our_tps:,.0f} vs nanoGPT {ng_tps:,.0f} -> {our_tps / ng_tps:.2f}x")
+    our32_tps = med([o["tokens_per_s"] for o in ours32])
+    print(f"\n(a) tokens/s: ours ({auto}) {our_tps:,.0f} vs nanoGPT (float32) {ng_tps:,.0f} -> {our_tps / ng_tps:.2f}x; "
+          f"ours float32 {our32_tps:,.0f} -> {our32_tps / ng_tps:.2f}x")
     hits = [b["hit"][2] for b in best if b["hit"]]
     ng_s = med([n["train_s"] for n in ng])
     if hits:
@@ -132,8 +143,9 @@ def main() -> None:
               f"vs nanoGPT {ng_s:.1f}s -> {med(hits) / ng_s:.2f}x  (ours ends at {med([b['final_val'] for b in best]):.4f})")
     else:
         print(f"(b) our recipe did not reach nanoGPT's final val loss: {best}")
-    print(f"(c) MFU: peak fp32 matmul {peak / 1e9:.0f} GFLOP/s; ours {our_tps * flops_tok / peak:.1%}, "
-          f"nanoGPT {ng_tps * flops_tok / peak:.1%} ({flops_tok:,} FLOPs/token)")
+    print(f"(c) MFU ({flops_tok:,} FLOPs/token): matmul peak float32 {peak / 1e9:.0f} GFLOP/s, {auto} "
+          f"{peak_auto / 1e9:.0f} GFLOP/s; ours ({auto}) {our_tps * flops_tok / peak_auto:.1%}, ours float32 "
+          f"{our32_tps * flops_tok / peak:.1%}, nanoGPT {ng_tps * flops_tok / peak:.1%}")
     ours_loop, hf_loop = loop_ratio()
     print(f"(d) same loop, GPT-2 shape with biases: ours {ours_loop:,.0f} tok/s vs transformers GPT2LMHeadModel "
           f"{hf_loop:,.0f} tok/s -> {ours_loop / hf_loop:.2f}x")

@@ -4,9 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minillm.config import ModelConfig, TrainConfig
 from minillm.schedule import lr_at
+from minillm.torch import train as torch_train
+from minillm.torch.layers import sdpa
 from minillm.torch.model import Transformer, next_token_loss
 from minillm.torch.trainer_state import build_optimizer, decay_split
 
@@ -73,3 +76,27 @@ def test_bad_train_config_names_field():
     with pytest.raises(ValueError, match="schedule"):
         _cfg(schedule="linear")
     assert math.isfinite(lr_at(0, _cfg(warmup_steps=0)))
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, native_bf16):
+    monkeypatch.setattr(torch_train, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert torch_train.resolve_dtype(cpu, "auto") == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert torch_train.resolve_dtype(cpu, "float32") == torch.float32  # an explicit choice wins
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast():
+    """bf16 autocast would run SDPA in bf16 (slow backward on CPU); ours keeps it fp32, so output
+    and gradients equal the fp32 kernel's exactly."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa(q, k, v, None, 0.0, True)
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True)
+    ref.square().sum().backward()
+    assert torch.equal(y, ref) and all(torch.equal(g, t.grad) for g, t in zip(grads, (q2, k2, v2)))

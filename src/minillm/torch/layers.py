@@ -109,6 +109,18 @@ def attention_math(
     return F.dropout(weights, dropout_p) @ v if dropout_p else weights @ v, weights
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
+         is_causal: bool) -> torch.Tensor:
+    """F.scaled_dot_product_attention, the fused kernel. Under CPU bf16 autocast it runs in float32:
+    there its bf16 backward is ~4x slower than the fp32 one (BENCHMARKS.md), while the matmuls
+    around it keep bf16's 2x. q (B, H, T, hd); k, v (B, H, S, hd) -> (B, H, T, hd)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                  dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
 class Attention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads: MHA when K == H, GQA when 1 < K < H
     (Ainslie et al. 2023), MQA when K == 1 (Shazeer 2019). Each K/V head serves H / K query heads."""
@@ -151,7 +163,7 @@ class Attention(nn.Module):
             causal = mask is None and k.size(2) == T  # is_causal is top-left aligned: only T == S
             if mask is None and not causal:
                 mask = causal_mask(T, k.size(2), x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+            y = sdpa(q, k, v, mask, p, causal)
         else:
             y, weights = attention_math(q, k, v, mask, p)
             self.last_weights = weights.detach() if keep_weights else None
