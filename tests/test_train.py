@@ -71,12 +71,14 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
 
 
-def test_exact_resume_after_sigkill(tmp_path, data_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: autocast, what "auto" picks on some CPUs
+def test_exact_resume_after_sigkill(tmp_path, data_dir, dtype):
     """N steps straight == k steps, SIGKILL, --resume, N-k steps: same losses, bitwise same weights."""
     straight = _config(tmp_path, data_dir, "straight", steps=30)
-    subprocess.run(_train_cmd(straight), check=True, capture_output=True)
+    subprocess.run(_train_cmd(straight, "--set", f'dtype="{dtype}"'), check=True, capture_output=True)
     killed = _config(tmp_path, data_dir, "killed", steps=30)
-    proc = subprocess.Popen(_train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(killed, "--set", f'dtype="{dtype}"'), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "trainer_state.json"
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -85,7 +87,7 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir):
     proc.wait()
     k = json.loads(state.read_text())["step"]
     assert 0 < k < 30, f"the kill should land mid-run (checkpoint at step {k})"
-    subprocess.run(_train_cmd(killed, "--resume"), check=True, capture_output=True)
+    subprocess.run(_train_cmd(killed, "--resume", "--set", f'dtype="{dtype}"'), check=True, capture_output=True)
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 31))
     assert all(a[s] == b[s] for s in a), "loss sequences differ"
