@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from minillm.cli import main as cli
+from minillm.torch.train import resolve_dtype
 
 TEXT = "".join(
     f"{name}:\nI pray thee, {verb} the {noun} of {place}; for thus the {noun} doth {verb}.\n\n"
@@ -106,6 +108,8 @@ def test_run_directory_and_step0_loss(tmp_path, data_dir, capsys):
     vocab = json.loads((run / "config.json").read_text())["model"]["vocab_size"]
     step0 = float(out.split("step 0 loss ")[1].split(";")[0])
     assert abs(step0 - math.log(vocab)) < 0.1
+    resolved = resolve_dtype(torch.device("cpu"), "auto")
+    assert ("in float32" if resolved == torch.float32 else "in bfloat16 autocast") in out  # says what "auto" chose
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("val_loss") for r in rows)
     assert {"step", "tokens", "train_loss", "lr", "grad_norm", "tokens_per_s", "time"} <= set(rows[0])
