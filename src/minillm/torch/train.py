@@ -186,6 +186,10 @@ class Trainer:
         return loss
 
     def fit(self) -> dict:
+        if self.step == 0 and self.is_main:  # "auto" may mean bf16 autocast, even on a CPU: say so
+            name = str(self.dtype).removeprefix("torch.")
+            precision = name if self.dtype == torch.float32 else f"{name} autocast"
+            print(f"training on {self.device} in {precision} (dtype = {self.cfg.dtype!r})")
         return run_loop(self)
 
 

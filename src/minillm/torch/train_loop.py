@@ -7,7 +7,6 @@ import math
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 from minillm.schedule import lr_at
@@ -57,9 +56,6 @@ def run_loop(t) -> dict:
     val = math.nan
     started, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     t.model.train()
-    if t.step == 0 and t.is_main:
-        precision = "float32" if t.dtype == torch.float32 else f"{str(t.dtype).removeprefix('torch.')} autocast"
-        bar.write(f"training on {t.device} in {precision} (dtype = {cfg.dtype!r})")
     try:
         while _budget_left(t, started):
             loss, grad_norm = t.train_step()
