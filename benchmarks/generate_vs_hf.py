@@ -25,7 +25,6 @@ import statistics
 import time
 
 import torch
-
 from minillm.config import ModelConfig
 from minillm.interop.hf import to_transformers
 from minillm.torch.generate import generate

@@ -41,8 +41,8 @@ PROMPT_LEN = 16
 # --- workers (one framework each, driven line by line over stdin/stdout) ------------------------
 def torch_worker(model_name: str, ckpt: str) -> None:
     import numpy as np
-    import torch
 
+    import torch
     from minillm import checkpoint
     from minillm.config import ModelConfig
     from minillm.torch.generate import generate
@@ -78,11 +78,11 @@ def torch_worker(model_name: str, ckpt: str) -> None:
 
 
 def jax_worker(model_name: str, ckpt: str) -> None:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from minillm.config import ModelConfig, TrainConfig
+    import jax
+    from minillm.config import TrainConfig
     from minillm.jax import generate as jg
     from minillm.jax import model as jm
     from minillm.jax import train as jt

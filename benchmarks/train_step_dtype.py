@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from minillm.config import load_train_config
 from minillm.torch.model import Transformer
 from minillm.torch.trainer_state import build_optimizer

@@ -122,7 +122,6 @@ def main() -> None:
               f"{ours32[-1]['tokens_per_s']:,.0f} tok/s val {ours32[-1]['final_val']:.4f} | best recipe hit {hit}",
               flush=True)
     import torch
-
     from minillm.config import ModelConfig
     from minillm.torch.model import Transformer
     from minillm.torch.train import resolve_dtype

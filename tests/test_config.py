@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from minillm.config import MODEL_PRESETS, ModelConfig, model_config_from_json, model_config_from_toml, parse_overrides
+from minillm.config import (
+    MODEL_PRESETS,
+    ModelConfig,
+    model_config_from_json,
+    model_config_from_toml,
+    parse_overrides,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))

@@ -7,11 +7,11 @@ import random
 import pytest
 import regex
 from hypothesis import given, settings
-from test_tokenizer_strategies import random_unicode, unicode_text
 
 from minillm.data.sources import shakespeare_files
 from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer
+from tests.conftest import random_unicode, unicode_text
 
 
 def naive_merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tokenizer_strategies import TRICKY
 
 from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.char import CharTokenizer
+from tests.conftest import TRICKY
 
 CORPUS = "First Citizen:\r\nBefore we proceed any further, hear me speak.\n\t" + "".join(TRICKY) + "<|>"
 tok = CharTokenizer().train(iter([CORPUS, "中文 🙂 e\u0301"]))

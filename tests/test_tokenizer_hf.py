@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
-from test_tokenizer_strategies import random_unicode, unicode_text
 
 from minillm.data.sources import shakespeare_files
 from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.bpe import BPETokenizer
 from minillm.tokenizer.char import CharTokenizer
+from tests.conftest import random_unicode, unicode_text
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tokenizer_strategies import random_unicode, unicode_text
 
 from minillm.tokenizer.bpe import BPETokenizer
 from minillm.tokenizer.char import CharTokenizer
+from tests.conftest import random_unicode, unicode_text
 
 CJK_EMOJI = "天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。🙂👨‍👩‍👧👍🏽🇫🇷 한국어 日本語のテキスト 😀😃😄"
 # Trained on plain English only, so CJK and emoji stay (mostly) single bytes: every character spans

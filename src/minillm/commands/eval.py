@@ -55,8 +55,9 @@ def token_file(data: str, split: str):
 def perplexity(model, tokens, block_size: int, batch_size: int = 8) -> dict:
     """Mean next-token loss over a 1-D array of ids -> {"tokens", "loss", "perplexity", "bits_per_token"}."""
     import numpy as np
-    import torch
     import torch.nn.functional as F
+
+    import torch
 
     n_windows = math.ceil((len(tokens) - 1) / block_size)
     total, count = 0.0, 0
@@ -75,8 +76,8 @@ def perplexity(model, tokens, block_size: int, batch_size: int = 8) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
+    import torch
     from minillm.torch.model import load_model
 
     if args.threads:

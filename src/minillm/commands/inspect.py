@@ -17,8 +17,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillm.config import ModelConfig
-    from minillm.config import load_train_config
+    from minillm.config import ModelConfig, load_train_config
 
     if args.preset:
         train = None
@@ -37,7 +36,6 @@ def memory_estimate(model, train) -> list[str]:
     """Parameter count, FLOPs per token and a training-memory estimate (fp32 weights + grads +
     AdamW's two moments = 16 bytes per parameter, plus activations saved for backward)."""
     import torch
-
     from minillm.torch.model import Transformer
 
     with torch.device("meta"):  # shapes only: no memory, no init

@@ -32,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from minillm.data.sources import Document, Source, get_source
-from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from minillm.files import atomic_write_text
+from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 META_VERSION = 1
 

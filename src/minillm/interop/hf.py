@@ -14,7 +14,6 @@ returns (ModelConfig, canonical state dict). Requires the `hf` extra.
 from __future__ import annotations
 
 import torch
-
 from minillm.config import ModelConfig
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jax
 from minillm.config import ModelConfig, check_sampling
 from minillm.jax.model import Params, config_key, forward_cached
 

@@ -13,11 +13,12 @@ jax.distributed.initialize() and the same code.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import jax
 from minillm.config import ModelConfig, TrainConfig
 from minillm.jax.train import TrainState, train_step_fn
 

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jax
 from minillm import checkpoint
 from minillm.config import ModelConfig, TrainConfig
 from minillm.jax.model import Params, forward, next_token_loss

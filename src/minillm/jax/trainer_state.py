@@ -13,17 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jax
 from minillm import checkpoint
-from minillm.checkpoint import CheckpointError
+from minillm.checkpoint import STATE_FILE, CheckpointError, read_trainer_state  # noqa: F401 - shared with torch
 from minillm.jax.model import params_from_canonical, params_to_canonical
 from minillm.jax.train import TrainState
-
-from minillm.checkpoint import STATE_FILE, read_trainer_state  # noqa: F401 - shared with torch
 
 
 def adam_moments(opt_state: optax.OptState) -> optax.ScaleByAdamState:

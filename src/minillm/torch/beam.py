@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
 from minillm.torch.generate import Sequences, _cache_length, get_decoder
 from minillm.torch.sampling import mask_padded_vocab
 

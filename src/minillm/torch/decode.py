@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
-from torch import nn
 
+import torch
 from minillm.torch.layers import rotate_half
+from torch import nn
 
 
 def _fused(*linears: nn.Linear, out_in: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

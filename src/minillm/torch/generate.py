@@ -17,7 +17,6 @@ import weakref
 from typing import Iterator, Sequence
 
 import torch
-
 from minillm.torch.decode import PackedModel
 from minillm.torch.kv_cache import make_caches
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next

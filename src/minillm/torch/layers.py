@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
-from torch import nn
 
+import torch
 from minillm.config import ModelConfig
+from torch import nn
 
 
 # --- normalisation ------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
-from torch import nn
 
+import torch
 from minillm.config import ModelConfig
 from minillm.torch.layers import Block, make_norm, rope_tables, sinusoidal_table
+from torch import nn
 
 
 class Transformer(nn.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from minillm import checkpoint
 from minillm.config import TrainConfig
 from minillm.data.loader import BatchLoader

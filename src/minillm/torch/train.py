@@ -13,20 +13,23 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import torch
 from minillm import checkpoint
 from minillm.config import TrainConfig
 from minillm.schedule import lr_at
 from minillm.torch.model import Transformer, next_token_loss
 from minillm.torch.run_data import RunData
 from minillm.torch.train_loop import NonFiniteLoss, run_loop
-from minillm.torch.trainer_state import (build_optimizer, read_trainer_state, restore_trainer_state,
-                                         save_trainer_state)
+from minillm.torch.trainer_state import (
+    build_optimizer,
+    read_trainer_state,
+    restore_trainer_state,
+    save_trainer_state,
+)
 from minillm.viz.metrics import MetricsLog
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 import torch
-
 from minillm import checkpoint
-
 from minillm.checkpoint import STATE_FILE, read_trainer_state  # noqa: F401 - shared with JAX
 
 

@@ -1,35 +1,11 @@
 """KV-cached generation: cached logits == full forward, batching, seeds, stops, streaming, overflow."""
 
 import pytest
-import torch
 
-from minillm.config import ModelConfig
+import torch
 from minillm.torch.generate import Sequences, generate, generate_stream, get_decoder, stream_text
 from minillm.torch.kv_cache import KVCache, make_caches
-from minillm.torch.model import Transformer
-
-GPT = dict(vocab_size=61, max_seq_len=48, d_model=32, n_layers=2, n_heads=4, bias=True)
-LLAMA = dict(vocab_size=61, max_seq_len=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-             norm="rmsnorm", positions="rope", mlp="swiglu")
-SINUS = dict(GPT, positions="sinusoidal", bias=False, n_kv_heads=1)
-GELU_EXACT = dict(GPT, mlp="gelu_exact", bias=False)  # nanoGPT's MLP
-STYLES = {"gpt2": GPT, "llama-gqa": LLAMA, "sinusoidal": SINUS, "gelu-exact": GELU_EXACT}
-
-
-def make_model(style: str, seed: int = 0, scale: float = 5.0, **overrides) -> Transformer:
-    """A random model whose matrices are scaled up so that next-token distributions are peaked
-    (random init gives near-ties that any rounding difference could flip)."""
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**STYLES[style], **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(scale)
-    return model
-
-
-def _prompt(n: int, seed: int = 0, vocab: int = 61) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+from tests.conftest import STYLES, make_model, random_prompt
 
 
 # --- cached == uncached -------------------------------------------------------------------------
@@ -53,7 +29,7 @@ def test_packed_cache_logits_equal_full_forward(style, chunk, compiled_layout, m
     if compiled_layout:
         _trace_compiled_step_eagerly(monkeypatch)
     model = make_model(style, scale=3.0)  # large enough that a wrong formula shows above 1e-5
-    tokens = _prompt(30, seed=1)
+    tokens = random_prompt(30, seed=1)
     with torch.inference_mode():
         full = model(torch.tensor([tokens]))[0]  # (T, V)
         seqs = Sequences(get_decoder(model, compile=compiled_layout), 30, 61)
@@ -69,7 +45,7 @@ def test_packed_cache_logits_equal_full_forward(style, chunk, compiled_layout, m
 def test_module_kv_cache_logits_equal_full_forward(style, chunks):
     """The readable path: model(tokens, positions, kv_caches) block by block, masks bottom-right."""
     model = make_model(style, scale=3.0)  # large enough that a wrong formula shows above 1e-5
-    tokens = torch.tensor([_prompt(30, seed=2)])
+    tokens = torch.tensor([random_prompt(30, seed=2)])
     caches = make_caches(model.config, 1, 30)
     with torch.inference_mode():
         full = model(tokens)
@@ -95,7 +71,7 @@ def test_kv_cache_overflow_and_reorder():
 @pytest.mark.parametrize("style", STYLES)
 def test_greedy_equals_argmax_of_full_forward(style):
     model = make_model(style)
-    prompt = _prompt(6)
+    prompt = random_prompt(6)
     out = generate(model, prompt, 25, temperature=0)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + out]))[0]
@@ -105,7 +81,7 @@ def test_greedy_equals_argmax_of_full_forward(style):
 @pytest.mark.parametrize("style", STYLES)
 def test_batched_equals_unbatched_on_five_prompt_lengths(style):
     model = make_model(style)
-    prompts = [_prompt(n, seed=n) for n in (1, 4, 7, 12, 20)]
+    prompts = [random_prompt(n, seed=n) for n in (1, 4, 7, 12, 20)]
     for kwargs in (dict(temperature=0), dict(temperature=0.9, top_k=20, top_p=0.95, seed=3),
                    dict(temperature=1.0, min_p=0.05, repetition_penalty=1.3, seed=[5, 6, 7, 8, 9])):
         batched = generate(model, prompts, 20, **kwargs)
@@ -185,14 +161,14 @@ def test_stop_strings_and_stream_text():
 def test_context_overflow_is_an_error_by_default():
     model = make_model("gpt2", max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(model, _prompt(10), 7)
-    assert len(generate(model, _prompt(10), 6, temperature=0)) == 6
+        generate(model, random_prompt(10), 7)
+    assert len(generate(model, random_prompt(10), 6, temperature=0)) == 6
 
 
 @pytest.mark.parametrize("style", STYLES)
 def test_sliding_window_conditions_on_the_last_max_seq_len_tokens(style):
     model = make_model(style, max_seq_len=16)
-    prompt = _prompt(12)
+    prompt = random_prompt(12)
     out = generate(model, prompt, 20, temperature=0, context_overflow="slide")
     seq = list(prompt)
     with torch.no_grad():

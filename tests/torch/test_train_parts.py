@@ -3,9 +3,9 @@
 import math
 
 import pytest
-import torch
 import torch.nn.functional as F
 
+import torch
 from minillm.config import ModelConfig, TrainConfig
 from minillm.schedule import lr_at
 from minillm.torch import train as torch_train

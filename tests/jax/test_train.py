@@ -17,7 +17,6 @@ from minillm.jax import generate as jg  # noqa: E402
 from minillm.jax import model as jm  # noqa: E402
 from minillm.torch.generate import generate as torch_generate  # noqa: E402
 from minillm.torch.model import load_model as torch_load_model  # noqa: E402
-from _jax_testing import one_torch_thread  # noqa: E402,F401  (autouse)
 
 CORPUS = "".join(f"{a} sees {b} by the {c}.\n" for a in ("Anne", "Bob", "Cleo") for b in ("sea", "hill", "moon")
                  for c in ("gate", "tower", "river", "bridge")) * 3

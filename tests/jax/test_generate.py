@@ -13,7 +13,7 @@ from minillm.jax import generate as jg  # noqa: E402
 from minillm.jax import model as jm  # noqa: E402
 from minillm.torch import sampling as ts  # noqa: E402
 from minillm.torch.model import model_params  # noqa: E402
-from _jax_testing import one_torch_thread, perturbed_torch_model  # noqa: E402,F401  (autouse)
+from tests.conftest import perturbed_torch_model  # noqa: E402
 
 LLAMA = ModelConfig(vocab_size=50, max_seq_len=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     norm="rmsnorm", positions="rope", mlp="swiglu")

@@ -1,11 +1,17 @@
 """Logits filters against transformers' logits processors and float64 references; the draw."""
 
 import pytest
-import torch
 
+import torch
 from minillm.torch.sampling import (
-    SamplingConfig, apply_repetition_penalty, mask_padded_vocab, min_p_filter, process_logits, sample_next,
-    top_k_filter, top_p_filter,
+    SamplingConfig,
+    apply_repetition_penalty,
+    mask_padded_vocab,
+    min_p_filter,
+    process_logits,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
 )
 
 transformers = pytest.importorskip("transformers")

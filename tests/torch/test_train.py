@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
+import torch
 from minillm.cli import main as cli
 from minillm.torch.train import resolve_dtype
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.jax import layers as jl  # noqa: E402
 from minillm.torch import layers as tl  # noqa: E402
-from _jax_testing import one_torch_thread  # noqa: E402,F401  (autouse)
 
 TOL = dict(atol=1e-5, rtol=0)
 

@@ -1,10 +1,10 @@
 """Token-for-token parity with transformers' generate on the same weights (hf.to_transformers)."""
 
 import pytest
-import torch
 
+import torch
 from minillm.torch.generate import generate
-from tests.test_generate import _prompt, make_model
+from tests.conftest import make_model, random_prompt
 
 transformers = pytest.importorskip("transformers")
 from minillm.interop.hf import to_transformers  # noqa: E402
@@ -30,7 +30,7 @@ def hf_generate(hf_model, prompt: list[int], eos: int | None = None, **settings)
 def test_greedy_matches_transformers_for_64_tokens(style, seed):
     model = make_model(style, seed=seed, max_seq_len=96)
     hf = to_transformers(model)
-    prompt = _prompt(9, seed=seed)
+    prompt = random_prompt(9, seed=seed)
     ours = generate(model, prompt, 64, temperature=0)
     assert ours == hf_generate(hf, prompt, max_new_tokens=64, do_sample=False)
 
@@ -38,7 +38,7 @@ def test_greedy_matches_transformers_for_64_tokens(style, seed):
 @pytest.mark.parametrize("style", HF_STYLES)
 def test_greedy_with_repetition_penalty_and_eos_matches_transformers(style):
     model = make_model(style, seed=3, max_seq_len=96)
-    hf, prompt = to_transformers(model), _prompt(5, seed=3)
+    hf, prompt = to_transformers(model), random_prompt(5, seed=3)
     free = generate(model, prompt, 40, temperature=0, repetition_penalty=1.5)
     eos = free[20]
     ours = generate(model, prompt, 40, temperature=0, repetition_penalty=1.5, stop_token_ids=[eos])
@@ -56,7 +56,7 @@ def _beam_cases():
 @pytest.mark.parametrize("style,early_stopping,length_penalty", list(_beam_cases()))
 def test_beam_search_matches_transformers(style, early_stopping, length_penalty):
     model = make_model(style, seed=1, max_seq_len=64)
-    hf, prompt = to_transformers(model), _prompt(7, seed=4)
+    hf, prompt = to_transformers(model), random_prompt(7, seed=4)
     greedy = generate(model, prompt, 30, temperature=0)
     for eos in (None, greedy[3]):  # no eos: every beam runs to the length limit; eos: beams end early
         ours = generate(model, prompt, 30, num_beams=4, length_penalty=length_penalty, early_stopping=early_stopping,

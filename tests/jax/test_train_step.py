@@ -13,7 +13,6 @@ from minillm.jax import model as jm  # noqa: E402
 from minillm.jax import train as jt  # noqa: E402
 from minillm.schedule import lr_at  # noqa: E402
 from minillm.torch.model import Transformer, model_params, next_token_loss  # noqa: E402
-from _jax_testing import one_torch_thread  # noqa: E402,F401  (autouse)
 
 GPT2 = ModelConfig(vocab_size=40, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, bias=True)
 LLAMA = ModelConfig(vocab_size=40, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -15,7 +15,7 @@ from minillm import checkpoint  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.jax import model as jm  # noqa: E402
 from minillm.torch.model import Transformer, model_from_params, model_params, next_token_loss  # noqa: E402
-from _jax_testing import one_torch_thread, perturbed_torch_model  # noqa: E402,F401  (autouse)
+from tests.conftest import perturbed_torch_model  # noqa: E402
 
 GPT2 = dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True)
 LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False)
