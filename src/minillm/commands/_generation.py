@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from minillm.tokenizer.stream import special_ids
+
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 200) -> None:
     """--run, the decoding options, --seed, --compile, --threads."""
@@ -49,14 +51,3 @@ def sampling_kwargs(args: argparse.Namespace, model, tokenizer) -> dict:
     if tokenizer.vocab_size < model.config.vocab_size:  # a padded embedding table
         kwargs["vocab_size"] = tokenizer.vocab_size
     return kwargs
-
-
-def special_ids(tokenizer, *names: str) -> list[int]:
-    """Ids of the named special tokens this tokenizer has (missing ones are skipped)."""
-    ids = []
-    for name in names:
-        try:
-            ids.append(tokenizer.special_id(name))
-        except (KeyError, AttributeError):
-            pass
-    return ids

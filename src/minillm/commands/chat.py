@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs, special_ids
+from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs
+from minillm.tokenizer.stream import special_ids
 
 HELP = "commands: /reset forgets the conversation, /exit quits (so does Ctrl-D)"
 
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _stream_reply(tokens, tokenizer, kwargs: dict) -> tuple[list[int], str]:
     """Print a reply as it is generated (without stop tokens or stop strings); return ids and text."""
-    from minillm.torch.generate import text_pieces
+    from minillm.tokenizer.stream import text_pieces
 
     ids: list[int] = []
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs, special_ids
+from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs
+from minillm.tokenizer.stream import special_ids
 
 
 def register(sub) -> None:

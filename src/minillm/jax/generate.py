@@ -30,6 +30,7 @@ import numpy as np
 import jax
 from minillm.config import ModelConfig, check_sampling
 from minillm.jax.model import Params, config_key, forward_cached
+from minillm.tokenizer.stream import special_ids
 
 TRACE_COUNTS: collections.Counter = collections.Counter()  # "prefill" / "decode" -> times traced
 
@@ -219,10 +220,10 @@ def sample_texts(run_dir, prompt: str, num_samples: int = 1, max_new_tokens: int
     if tokenizer is None:
         raise ValueError(f"run directory {run_dir} has no tokenizer.json; text generation needs one")
     ids = tokenizer.encode(prompt) if prompt else []
-    ids = ids or _special_ids(tokenizer, "bos")
+    ids = ids or special_ids(tokenizer, "bos")
     if not ids:
         raise ValueError("the prompt is empty and the tokenizer has no bos token; give a prompt")
-    eos = _special_ids(tokenizer, "eos")
+    eos = special_ids(tokenizer, "eos")
     vocab = tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     outs = generate(params, config, [ids] * num_samples, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -233,10 +234,3 @@ def sample_texts(run_dir, prompt: str, num_samples: int = 1, max_new_tokens: int
         cuts = [text.index(s) for s in stop_strings if s in text]
         texts.append(text[: min(cuts)] if cuts else text)
     return texts
-
-
-def _special_ids(tokenizer, name: str) -> list[int]:
-    try:
-        return [tokenizer.special_id(name)]
-    except (KeyError, AttributeError):
-        return []

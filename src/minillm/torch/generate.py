@@ -17,6 +17,7 @@ import weakref
 from typing import Iterator, Sequence
 
 import torch
+from minillm.tokenizer.stream import StopChecker, text_pieces
 from minillm.torch.decode import PackedModel
 from minillm.torch.kv_cache import make_caches
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next
@@ -273,46 +274,3 @@ def stream_text(model, tokenizer, prompt_ids, max_new_tokens: int, **kwargs) -> 
     stop_strings = list(kwargs.pop("stop_strings", ()))
     tokens = generate_stream(model, prompt_ids, max_new_tokens, tokenizer=tokenizer, stop_strings=stop_strings, **kwargs)
     return text_pieces(tokens, tokenizer, stop_strings, kwargs.get("stop_token_ids", ()))
-
-
-def text_pieces(tokens: Iterator[int], tokenizer, stop_strings: Sequence[str] = (),
-                stop_token_ids: Sequence[int] = ()) -> Iterator[str]:
-    """Token ids -> text pieces through the tokenizer's streaming decoder (never half a UTF-8
-    character). Stop tokens are not shown; the text ends before the first stop string, and the
-    last len(stop)-1 characters are held back until they cannot be the start of one."""
-    decoder, text, shown = tokenizer.stream_decoder(), "", 0
-    hold = max((len(s) for s in stop_strings if s), default=1) - 1
-    for t in tokens:
-        if t in stop_token_ids:
-            break
-        text += decoder.push(t)
-        cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
-        if cut >= 0:
-            yield text[shown:cut]
-            return
-        if len(text) - hold > shown:
-            yield text[shown:len(text) - hold]
-            shown = len(text) - hold
-    text += decoder.flush()
-    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
-    if cut > shown:
-        yield text[shown:cut]
-
-
-class StopChecker:
-    """Has the decoded text of one row come to contain a stop string? Fed one id at a time."""
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
-        self.stop_strings = [s for s in stop_strings if s]
-        if self.stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer to decode the generated ids")
-        self.decoder = tokenizer.stream_decoder() if self.stop_strings else None
-        self.text = ""
-
-    def push(self, token_id: int) -> bool:
-        if not self.stop_strings:
-            return False
-        piece = self.decoder.push(token_id)
-        self.text += piece
-        tail = self.text[-(max(map(len, self.stop_strings)) + len(piece)):]
-        return any(s in tail for s in self.stop_strings)
