@@ -1,4 +1,5 @@
-"""BPETokenizer: merges equal a naive reference trainer; roundtrip; special tokens; save/load."""
+"""BPETokenizer: merges equal a naive reference trainer (the test's own, independent of bpe.py);
+the library's naive trainer equals its fast one; roundtrip; special tokens; save/load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from hypothesis import given, settings
 
 from minillm.data.sources import shakespeare_files
 from minillm.tokenizer import load_tokenizer
-from minillm.tokenizer.bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer
+from minillm.tokenizer.bpe import (
+    GPT2_SPLIT_PATTERN,
+    GPT4_SPLIT_PATTERN,
+    BPETokenizer,
+    count_chunks,
+    learn_merges,
+    learn_merges_naive,
+)
 from tests.conftest import random_unicode, unicode_text
 
 
@@ -73,6 +81,27 @@ def test_merges_match_naive_on_repetitive_text_and_ties() -> None:
     assert tok.merges == naive_train(docs, GPT4_SPLIT_PATTERN, n_merges_for(300))
 
 
+@pytest.mark.parametrize(
+    "texts, pattern, n_merges",
+    [
+        (["aaaaaaa bbbb aaa ab ba abab 12345 zz zz zy yz\n\n\t" * 5, "cd dc", "xyzzy", "q"],
+         GPT4_SPLIT_PATTERN, 60),
+        ([random_unicode(1500, seed=2)], GPT4_SPLIT_PATTERN, 80),
+        (["dcba", "abcd abcd"], GPT2_SPLIT_PATTERN, 10),  # runs out of pairs before 10 merges
+    ],
+)
+def test_library_naive_trainer_equals_the_fast_one(texts: list[str], pattern: str, n_merges: int) -> None:
+    counts = count_chunks(texts, pattern)
+    naive = learn_merges_naive(counts, n_merges)
+    assert naive == learn_merges(counts, n_merges)
+    assert naive == naive_train(texts, pattern, n_merges)  # and both equal the test's own oracle
+
+
+def test_shakespeare_naive_trainer_equals_the_fast_one(shakespeare_text: str) -> None:
+    counts = count_chunks([shakespeare_text[:20000]], GPT4_SPLIT_PATTERN)
+    assert learn_merges_naive(counts, 120) == learn_merges(counts, 120)
+
+
 def test_tie_breaks_on_smallest_pair() -> None:
     tok = BPETokenizer().train("dcba", 256 + 6 + 1)  # pairs (d,c), (c,b), (b,a) all count 1
     assert tok.merges == [(ord("b"), ord("a"))]
@@ -98,7 +127,8 @@ def test_vocab_size_counts_bytes_merges_and_specials(shakespeare_text: str) -> N
 
 @pytest.fixture(scope="module")
 def tok() -> BPETokenizer:
-    return BPETokenizer().train([random_unicode(3000, seed=2), "Hello world, hello tokenizer! 😀😀 中文中文"], 600)
+    texts = [random_unicode(3000, seed=2), "Hello world, hello tokenizer! 😀😀 中文中文"]
+    return BPETokenizer().train(texts, 600)
 
 
 @settings(max_examples=1000, deadline=None)
@@ -123,7 +153,7 @@ def test_special_tokens_are_text_unless_allowed(tok: BPETokenizer) -> None:
 def test_special_ids_follow_the_merges(tok: BPETokenizer) -> None:
     ids = sorted(tok.special_tokens.values())
     assert ids == list(range(256 + len(tok.merges), tok.vocab_size))
-    assert {tok.bos_id, tok.eos_id, tok.pad_id} <= set(ids)
+    assert {tok.special_id("bos"), tok.eos_id, tok.special_id("pad")} <= set(ids)
 
 
 def test_save_load_roundtrip(tok: BPETokenizer, tmp_path) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 
 from minillm.data.sources import shakespeare_files
 from minillm.tokenizer import load_tokenizer
-from minillm.tokenizer.bpe import BPETokenizer
+from minillm.tokenizer.bpe import GPT2_SPLIT_PATTERN, BPETokenizer
 from minillm.tokenizer.char import CharTokenizer
+from minillm.tokenizer.hf import bpe_from_hf, bpe_to_hf, char_to_hf
 from tests.conftest import random_unicode, unicode_text
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -86,10 +89,27 @@ def test_regex_engines_agree_on_character_classes() -> None:
 
     import regex
 
-    chars = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cs", "Cn") and chr(c) != "!"]
+    chars = [chr(c) for c in range(0x110000)
+             if unicodedata.category(chr(c)) not in ("Cs", "Cn") and chr(c) != "!"]
     text = "!" + "!".join(chars) + "!"  # "!" (no letter, digit or space) isolates each character
     for char_class in (r"\p{L}", r"\p{N}", r"\s"):
         split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(char_class), "isolated")
         theirs = {piece for piece, _ in split.pre_tokenize_str(text) if len(piece) == 1 and piece != "!"}
         ours = set(regex.findall(char_class, text))
         assert ours == theirs, (char_class, sorted(ours ^ theirs)[:10])
+
+
+def test_plain_dicts_in_and_out(tmp_path) -> None:
+    # hf.py works on a tokenizer's parts, no tokenizer object: bytes a, b, c merged as (a, b), (ab, c).
+    vocab = [bytes([b]) for b in range(256)] + [b"ab", b"abc"]
+    merges = [(97, 98), (256, 99)]
+    data = bpe_to_hf(vocab, merges, GPT2_SPLIT_PATTERN, {"<|eos|>": 258})
+    assert data["model"]["merges"] == [["a", "b"], ["ab", "c"]] and data["model"]["vocab"]["abc"] == 257
+    assert bpe_from_hf(data) == (GPT2_SPLIT_PATTERN, merges, {"<|eos|>": 258})
+    (tmp_path / "t.json").write_text(json.dumps(data), encoding="utf-8")
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "t.json"))
+    assert theirs.encode("abcab c").ids == [257, 256, 32, 99]
+    char = char_to_hf(["a", "b"], {"<|eos|>": 3}, "<|unk|>", 2)
+    assert char["model"]["vocab"] == {"a": 0, "b": 1, "<|unk|>": 2, "<|eos|>": 3}
+    with pytest.raises(ValueError, match="merge 0 does not create id 256"):
+        bpe_from_hf({**data, "model": {**data["model"], "merges": [["b", "c"]]}}, source="x.json")

@@ -21,12 +21,11 @@ from __future__ import annotations
 import codecs
 import json
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import regex
 
-from minillm.files import atomic_write_text
+from minillm.files import atomic_write_text, read_json
 
 # Names callers use -> the strings that appear in text. Order fixes their ids (after the vocabulary).
 SPECIAL_TOKENS: dict[str, str] = {
@@ -75,6 +74,10 @@ class Tokenizer:
         """Inverse of `to_dict`."""
         raise NotImplementedError
 
+    def hf_dict(self) -> dict[str, Any]:
+        """The Hugging Face `tokenizer.json` content (built by `minillm.tokenizer.hf`)."""
+        raise NotImplementedError
+
     # --- special tokens -----------------------------------------------------------------------
     def _add_special_tokens(self, first_id: int) -> None:
         """Give every special token in `SPECIAL_TOKENS` an id, starting at `first_id`."""
@@ -93,16 +96,8 @@ class Tokenizer:
         return self.special_tokens[token]
 
     @property
-    def bos_id(self) -> int:
-        return self.special_id("bos")
-
-    @property
     def eos_id(self) -> int:
         return self.special_id("eos")
-
-    @property
-    def pad_id(self) -> int:
-        return self.special_id("pad")
 
     # --- encode / decode ------------------------------------------------------------------------
     def _allowed(self, allowed_special: str | Iterable[str]) -> set[str]:
@@ -147,29 +142,30 @@ class Tokenizer:
     # --- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON (atomically) to `path`."""
-        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
+        _write_json(path, self.to_dict())
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        """Export to Hugging Face `tokenizers` JSON; `tokenizers.Tokenizer.from_file` then gives
+        the same ids (see `minillm.tokenizer.hf` for the documented differences)."""
+        _write_json(path, self.hf_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         """Read a tokenizer saved by `save` (for `BPETokenizer`, also an exported HF tokenizer.json)."""
-        data = read_json(path)
+        return cls.from_file_dict(read_json(path), str(path))
+
+    @classmethod
+    def from_file_dict(cls, data: dict[str, Any], source: str) -> "Tokenizer":
+        """`from_dict` after checking the `"type"` field; `source` names the file in errors."""
         if data.get("type") != cls.type_name:
-            raise ValueError(f"{path}: expected a {cls.type_name!r} tokenizer, found type {data.get('type')!r}")
+            raise ValueError(
+                f"{source}: expected a {cls.type_name!r} tokenizer, found type {data.get('type')!r}"
+            )
         return cls.from_dict(data)
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON object, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a JSON tokenizer file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON tokenizer file (top level is not an object)")
-    return data
+def _write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
 class StreamDecoder:

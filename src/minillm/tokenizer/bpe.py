@@ -8,7 +8,9 @@ Conventions (fixed so that any two correct trainers produce the same merges):
   `(id1, id2)` wins, so merges do not depend on the order of the text;
 - special tokens get the ids after the last merge.
 
-Training (Sennrich et al. 2016, with the bookkeeping of fast implementations):
+Training (Sennrich et al. 2016) comes twice. First the lesson, `learn_merges_naive`: count every
+adjacent pair, merge the most frequent, repeat. Then `learn_merges`, the same merges with the
+bookkeeping of fast implementations:
 1. *chunk dedup*: identical chunks are counted once (`Counter`), so the work depends on the
    number of distinct chunks, not on the corpus size; the input is streamed.
 2. *incremental pair counts*: `pair_counts` and `where` (pair -> chunks containing it) are built
@@ -31,11 +33,13 @@ from typing import Any, Iterable
 import regex
 
 from minillm.tokenizer.base import FORMAT_VERSION, SPECIAL_TOKENS, Tokenizer
+from minillm.tokenizer.hf import bpe_from_hf, bpe_to_hf
 
 # The split patterns of GPT-2 and of GPT-4 (tiktoken's cl100k_base); public constants.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
 
@@ -61,6 +65,29 @@ def merge_pair(ids: list[int], pair: Pair, new_id: int) -> list[int]:
     return out
 
 
+def learn_merges_naive(chunk_counts: dict[str, int], n_merges: int) -> list[Pair]:
+    """The textbook trainer (minbpe's basic.py): count every adjacent pair, merge the most
+    frequent, repeat. Same arguments and same merges as `learn_merges` below, but each merge
+    recounts the whole corpus: O(n_merges x corpus), fine for a lesson, too slow for real text.
+
+    `chunk_counts` maps each pre-split chunk to how often it occurs (a chunk's pairs count that
+    many times); merges never cross a chunk boundary.
+    """
+    words = [(list(chunk.encode("utf-8")), count) for chunk, count in chunk_counts.items()]
+    merges: list[Pair] = []
+    for k in range(n_merges):
+        pair_counts: Counter[Pair] = Counter()
+        for ids, count in words:
+            for pair in zip(ids, ids[1:]):
+                pair_counts[pair] += count
+        if not pair_counts:
+            break  # every chunk is a single token: nothing left to merge
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))  # most frequent; ties: smallest
+        words = [(merge_pair(ids, best, 256 + k), count) for ids, count in words]
+        merges.append(best)
+    return merges
+
+
 def count_chunks(texts: Iterable[str], pattern: str) -> Counter[str]:
     """Count the distinct pre-split chunks of a stream of texts (each text is split on its own)."""
     split = regex.compile(pattern).findall
@@ -71,7 +98,11 @@ def count_chunks(texts: Iterable[str], pattern: str) -> Counter[str]:
 
 
 def learn_merges(chunk_counts: dict[str, int], n_merges: int) -> list[Pair]:
-    """Learn up to `n_merges` merges from chunk -> count (fewer if no pair is left)."""
+    """Learn up to `n_merges` merges from chunk -> count (fewer if no pair is left).
+
+    The fast trainer: the merges of `learn_merges_naive`, with incremental pair counts and a heap
+    (steps 2 and 3 of the module docstring) instead of a full recount per merge.
+    """
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     counts = list(chunk_counts.values())
     pair_counts: dict[Pair, int] = {}
@@ -157,7 +188,9 @@ class BPETokenizer(Tokenizer):
         """
         n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if n_merges < 0:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+            raise ValueError(
+                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)"
+            )
         texts = [text_or_iter] if isinstance(text_or_iter, str) else text_or_iter
         self._set_merges(learn_merges(count_chunks(texts, self.pattern), n_merges))
         return self
@@ -215,22 +248,12 @@ class BPETokenizer(Tokenizer):
         return tok
 
     @classmethod
-    def load(cls, path: Any) -> "BPETokenizer":
-        """Read our JSON (`save`) or a Hugging Face tokenizer.json written by `save_hf`."""
-        from minillm.tokenizer.base import read_json
-
-        data = read_json(path)
+    def from_file_dict(cls, data: dict[str, Any], source: str) -> "BPETokenizer":
+        """Our JSON (`save`), or a Hugging Face tokenizer.json written by `save_hf` (no "type")."""
         if "model" in data and "type" not in data:
-            from minillm.tokenizer.hf import bpe_from_hf_dict
+            pattern, merges, special_tokens = bpe_from_hf(data, source)
+            return cls.from_dict({"pattern": pattern, "merges": merges, "special_tokens": special_tokens})
+        return super().from_file_dict(data, source)  # type: ignore[return-value]
 
-            return bpe_from_hf_dict(data, source=str(path))
-        if data.get("type") != cls.type_name:
-            raise ValueError(f"{path}: expected a 'bpe' tokenizer, found type {data.get('type')!r}")
-        return cls.from_dict(data)
-
-    def save_hf(self, path: Any) -> None:
-        """Export to Hugging Face `tokenizers` JSON; `tokenizers.Tokenizer.from_file` then gives
-        the same ids (see `minillm.tokenizer.hf` for the one documented difference)."""
-        from minillm.tokenizer.hf import save_bpe_hf
-
-        save_bpe_hf(self, path)
+    def hf_dict(self) -> dict[str, Any]:
+        return bpe_to_hf(self.vocab, self.merges, self.pattern, self.special_tokens)

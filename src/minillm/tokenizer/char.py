@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from minillm.tokenizer.base import FORMAT_VERSION, Tokenizer
+from minillm.tokenizer.hf import char_to_hf
 
 UNK = "<|unk|>"
 
@@ -50,7 +51,9 @@ class CharTokenizer(Tokenizer):
             seen.update(text)
         self._build(sorted(seen), self.unk_id is not None)
         if vocab_size is not None and vocab_size < self.vocab_size:
-            raise ValueError(f"corpus needs {self.vocab_size} char ids (specials included), vocab_size={vocab_size}")
+            raise ValueError(
+                f"corpus needs {self.vocab_size} char ids (specials included), vocab_size={vocab_size}"
+            )
         return self
 
     @property
@@ -68,7 +71,8 @@ class CharTokenizer(Tokenizer):
             if i is None:
                 raise ValueError(
                     f"character {c!r} (U+{ord(c):04X}) at position {position} is not in the "
-                    f"vocabulary of this CharTokenizer (build it with unk=True to map unknown characters to <unk>)"
+                    "vocabulary of this CharTokenizer "
+                    "(build it with unk=True to map unknown characters to <unk>)"
                 )
             ids.append(i)
         return ids
@@ -105,8 +109,5 @@ class CharTokenizer(Tokenizer):
         tok._set_special_tokens(data["special_tokens"])
         return tok
 
-    def save_hf(self, path: str) -> None:
-        """Export as a Hugging Face `tokenizers` JSON file (see `minillm.tokenizer.hf`)."""
-        from minillm.tokenizer.hf import save_char_hf
-
-        save_char_hf(self, path)
+    def hf_dict(self) -> dict[str, Any]:
+        return char_to_hf(self.chars, self.special_tokens, UNK, self.unk_id)

@@ -1,6 +1,9 @@
 """Export to and import from the Hugging Face `tokenizers` JSON format (`tokenizer.json`).
 
-Nothing here imports `tokenizers`: the format is plain JSON, so exporting needs no extra package.
+Plain dicts in, plain dicts out: the functions here take a tokenizer's parts (byte vocabulary,
+merges, split pattern, special tokens) and return the `tokenizer.json` content, or the reverse.
+`BPETokenizer` and `CharTokenizer` call them; this module imports neither. Nothing here imports
+`tokenizers` either: the format is plain JSON, so exporting needs no extra package.
 
 How our byte-level BPE is expressed in HF's pipeline, so that `Tokenizer.from_file` gives our ids:
 - pre-tokenizer = Split(our regex, "Isolated") then ByteLevel(use_regex=False): first the same
@@ -24,19 +27,15 @@ Two documented differences:
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from minillm.files import atomic_write_text
-
-if TYPE_CHECKING:
-    from minillm.tokenizer.bpe import BPETokenizer
-    from minillm.tokenizer.char import CharTokenizer
+Pair = tuple[int, int]
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (used by HF's ByteLevel)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):
@@ -47,55 +46,56 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _added_tokens(special_tokens: dict[str, int]) -> list[dict[str, Any]]:
-    return [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-        for s, i in sorted(special_tokens.items(), key=lambda item: item[1])
-    ]
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    by_id = sorted(special_tokens.items(), key=lambda item: item[1])
+    return [{"id": i, "content": s, **flags} for s, i in by_id]
 
 
-def bpe_to_hf_dict(tok: "BPETokenizer") -> dict[str, Any]:
-    """The HF `tokenizer.json` content for a `BPETokenizer`."""
-    byte_char = bytes_to_unicode()
-    names = ["".join(byte_char[b] for b in token) for token in tok.vocab]
-    vocab: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in vocab:
-            # Two merge paths built the same bytes; HF's vocabulary (string -> id) cannot hold both.
-            raise ValueError(f"ids {vocab[name]} and {i} are the same bytes {tok.vocab[i]!r}; not expressible in HF BPE")
-        vocab[name] = i
+def _tokenizer_json(special_tokens: dict[str, int], pre_tokenizer: dict, decoder: dict, model: dict) -> dict:
+    """The frame every HF tokenizer.json has, around our pre-tokenizer, decoder and model."""
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": _added_tokens(tok.special_tokens),
+        "added_tokens": _added_tokens(special_tokens),
         "normalizer": None,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-            ],
-        },
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [[names[a], names[b]] for a, b in tok.merges],
-        },
+        "decoder": decoder,
+        "model": model,
     }
 
 
-def save_bpe_hf(tok: "BPETokenizer", path: Any) -> None:
-    """Write `tok` as an HF `tokenizer.json` (atomically)."""
-    atomic_write_text(path, json.dumps(bpe_to_hf_dict(tok), ensure_ascii=False, indent=1) + "\n")
+def bpe_to_hf(
+    vocab: list[bytes], merges: list[Pair], pattern: str, special_tokens: dict[str, int]
+) -> dict[str, Any]:
+    """HF `tokenizer.json` content for a byte-level BPE: `vocab[i]` are the bytes of id i."""
+    byte_char = bytes_to_unicode()
+    names = ["".join(byte_char[b] for b in token) for token in vocab]
+    name_to_id: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in name_to_id:
+            # Two merge paths built the same bytes; HF's vocabulary (string -> id) cannot hold both.
+            raise ValueError(
+                f"ids {name_to_id[name]} and {i} are the same bytes {vocab[i]!r}; not expressible in HF BPE"
+            )
+        name_to_id[name] = i
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    model = {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": False,
+        "vocab": name_to_id,
+        "merges": [[names[a], names[b]] for a, b in merges],
+    }
+    pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, byte_level]}
+    return _tokenizer_json(special_tokens, pre_tokenizer, byte_level, model)
 
 
 def _hf_pattern(data: dict[str, Any], source: str) -> str:
@@ -103,17 +103,19 @@ def _hf_pattern(data: dict[str, Any], source: str) -> str:
     for step in pre.get("pretokenizers", [pre]):
         if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
             return step["pattern"]["Regex"]
-    raise ValueError(f"{source}: no Split(Regex) pre-tokenizer; only byte-level BPE files written by save_hf load")
+    raise ValueError(
+        f"{source}: no Split(Regex) pre-tokenizer; only byte-level BPE files written by save_hf load"
+    )
 
 
-def bpe_from_hf_dict(data: dict[str, Any], source: str = "tokenizer.json") -> "BPETokenizer":
-    """Rebuild a `BPETokenizer` from HF `tokenizer.json` content of the shape `save_hf` writes.
+def bpe_from_hf(
+    data: dict[str, Any], source: str = "tokenizer.json"
+) -> tuple[str, list[Pair], dict[str, int]]:
+    """HF `tokenizer.json` content of the shape `bpe_to_hf` writes -> (pattern, merges, special_tokens).
 
     Requires ids 0..255 to be the single bytes and merge k to create id 256 + k (our convention);
     other byte-level BPE files (e.g. GPT-2's, whose ids are ordered differently) are refused.
     """
-    from minillm.tokenizer.bpe import BPETokenizer
-
     model = data.get("model", {})
     if model.get("type") != "BPE":
         raise ValueError(f"{source}: model type {model.get('type')!r} is not BPE")
@@ -128,34 +130,23 @@ def bpe_from_hf_dict(data: dict[str, Any], source: str = "tokenizer.json") -> "B
         if vocab.get(left + right) != 256 + k:
             raise ValueError(f"{source}: merge {k} does not create id {256 + k}; not in minillm's id order")
         merges.append((vocab[left], vocab[right]))
-    tok = BPETokenizer(_hf_pattern(data, source))
-    tok._set_merges(merges)
     specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    tok._set_special_tokens(specials)
-    return tok
+    return _hf_pattern(data, source), merges, specials
 
 
-def save_char_hf(tok: "CharTokenizer", path: Any) -> None:
-    """Write a `CharTokenizer` as an HF `tokenizer.json`: one piece per character, WordLevel model.
+def char_to_hf(
+    chars: list[str], special_tokens: dict[str, int], unk_token: str, unk_id: int | None
+) -> dict[str, Any]:
+    """HF `tokenizer.json` content for a character tokenizer: one piece per character, WordLevel model.
 
-    Unknown characters map to "<|unk|>" in HF; ours raise unless built with `unk=True`.
+    Unknown characters map to `unk_token` in HF; ours raise unless built with an `unk_id`.
     """
-    from minillm.tokenizer.char import UNK
-
-    vocab = {c: i for i, c in enumerate(tok.chars)}
-    if tok.unk_id is not None:
-        vocab[UNK] = tok.unk_id
-    vocab.update(tok.special_tokens)
-    data = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(tok.special_tokens),
-        "normalizer": None,
-        # [\s\S] matches any single code point, newlines included.
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},
-        "post_processor": None,
-        "decoder": {"type": "Fuse"},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNK},
-    }
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    vocab = {c: i for i, c in enumerate(chars)}
+    if unk_id is not None:
+        vocab[unk_token] = unk_id
+    vocab.update(special_tokens)
+    # [\s\S] matches any single code point, newlines included.
+    any_char = {"Regex": r"[\s\S]"}
+    pre_tokenizer = {"type": "Split", "pattern": any_char, "behavior": "Isolated", "invert": False}
+    model = {"type": "WordLevel", "vocab": vocab, "unk_token": unk_token}
+    return _tokenizer_json(special_tokens, pre_tokenizer, {"type": "Fuse"}, model)
