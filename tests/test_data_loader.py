@@ -1,4 +1,4 @@
-"""BatchLoader / eval_batches: windows, seeding, exact resume, rank sharding."""
+"""BatchLoader / eval_batches / read_meta: windows, seeding, exact resume, rank sharding, clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from minillm.data.loader import BatchLoader, eval_batches
+from minillm.data.loader import BatchLoader, eval_batches, read_meta, read_tokens
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def data_dir(tmp_path):
     # Token i has value i % 5000, so a window's content tells where it came from.
     np.arange(10_000, dtype=np.uint16).__mod__(5000).astype(np.uint16).tofile(tmp_path / "train.bin")
     np.arange(1_001, dtype=np.uint16).tofile(tmp_path / "val.bin")
-    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 5000}))
     return tmp_path
 
 
@@ -62,20 +62,58 @@ def test_windows_cover_the_whole_file(data_dir) -> None:
 
 
 def test_eval_batches_are_sequential_and_sharded(data_dir) -> None:
-    batches = list(eval_batches(data_dir, block_size=100, batch_size=4))
+    val = read_tokens(data_dir / "val.bin")
+    batches = list(eval_batches(val, block_size=100, batch_size=4))
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
     assert x.shape == (10, 100) and np.array_equal(x.ravel(), np.arange(1000))
     assert np.array_equal(y.ravel(), np.arange(1000) + 1)
     assert np.array_equal(y[:, -1], np.arange(1, 11) * 100)
-    shards = [np.concatenate([b[0] for b in eval_batches(data_dir, 100, 4, rank=r, world_size=3)]) for r in range(3)]
+    shards = [np.concatenate([b[0] for b in eval_batches(val, 100, 4, rank=r, world_size=3)])
+              for r in range(3)]
     assert sorted(row[0] for s in shards for row in s) == list(range(0, 1000, 100))
-    assert len(list(eval_batches(data_dir, 100, 4, max_batches=2))) == 2
+    assert len(list(eval_batches(val, 100, 4, max_batches=2))) == 2
+
+
+def test_eval_batches_tail_predicts_every_token_once() -> None:
+    tokens = np.arange(150, dtype=np.uint32)  # 149 targets: 4 windows of 32, then a tail of 21
+    batches = list(eval_batches(tokens, block_size=32, batch_size=3, tail=True))
+    assert [b[0].shape for b in batches] == [(3, 32), (1, 32), (1, 21)]
+    assert np.array_equal(np.concatenate([b[1].ravel() for b in batches]), np.arange(1, 150))
+    assert np.array_equal(np.concatenate([b[0].ravel() for b in batches]), np.arange(149))
+    assert len(list(eval_batches(tokens, 32, 3))) == 2  # without tail: whole windows only
+    assert len(list(eval_batches(np.arange(129), 32, 3, tail=True))) == 2  # 128 targets: no tail
+    shards = [list(eval_batches(tokens, 32, 3, rank=r, world_size=2, tail=True)) for r in range(2)]
+    targets = [t for shard in shards for _, y in shard for t in y.ravel()]
+    assert sorted(targets) == list(range(1, 150))
 
 
 def test_missing_meta_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="run prepare"):
         BatchLoader(tmp_path, 16, 8)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"dtype": "uint16", "vocab_', "not valid JSON"),
+        ('{"dtype": "float32", "vocab_size": 65}', "dtype must be one of"),
+        ('{"dtype": "uint16"}', "vocab_size must be a positive integer"),
+        ('{"dtype": "uint16", "vocab_size": "65"}', "vocab_size must be a positive integer"),
+        ("[1]", "JSON object"),
+    ],
+)
+def test_bad_meta_is_a_one_line_error_naming_the_file(tmp_path, content, message) -> None:
+    (tmp_path / "meta.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        read_meta(tmp_path)
+    assert "meta.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_meta_returns_the_checked_fields(data_dir) -> None:
+    assert read_meta(data_dir) == {"dtype": "uint16", "vocab_size": 5000}
+    val = read_tokens(data_dir / "val.bin")
+    assert val.dtype == np.uint16 and np.array_equal(val, np.arange(1_001))
 
 
 def test_data_and_tokenizer_import_no_framework() -> None:

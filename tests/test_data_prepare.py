@@ -146,8 +146,9 @@ def test_memory_stays_flat_as_the_corpus_grows(tmp_path) -> None:
     peaks = []
     for copies in (20, 400):  # ~3 MB and ~56 MB of text in one file
         (tmp_path / f"{copies}.txt").write_text(play * copies, encoding="utf-8")
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / f"{copies}.txt"), str(tmp_path / f"out{copies}")],
-                                capture_output=True, text=True, check=True)  # fmt: skip
+        source, out = tmp_path / f"{copies}.txt", tmp_path / f"out{copies}"
+        command = [sys.executable, "-c", PEAK_RSS, str(source), str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
         peaks.append(int(result.stdout.split()[-1]) / 1024)
     print(f"peak RSS: {peaks[0]:.0f} MB for 3 MB of text, {peaks[1]:.0f} MB for 56 MB")
     assert peaks[1] < peaks[0] + 15, f"peak RSS grew from {peaks[0]:.0f} MB to {peaks[1]:.0f} MB"

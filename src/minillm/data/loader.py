@@ -12,32 +12,51 @@
 - Data parallelism (DESIGN principle 6): `batch_size` is the *global* batch. Every rank draws the
   same global offsets and keeps its own `batch_size // world_size` rows, so the data a step sees
   is the same whatever the number of ranks, and no two ranks get the same rows.
-- Evaluation (`eval_batches`): consecutive non-overlapping windows from the start of the file,
-  so every evaluation sees the same tokens.
+- Evaluation (`eval_batches`): consecutive non-overlapping windows from the start of a token
+  array, so every evaluation sees the same tokens (`minillm.torch.evaluate.perplexity` uses it).
+- `read_meta` is the one reader of a data directory's `meta.json`, `read_tokens` opens a split.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from minillm.files import read_json
+
 Batch = tuple[np.ndarray, np.ndarray]  # (x, y), each (B, T) int64
 
 
-def _bin_path_and_dtype(data_dir: str | os.PathLike, split: str) -> tuple[Path, np.dtype]:
-    meta_path = Path(data_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: run prepare() on a source into {data_dir} first")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    return Path(data_dir) / f"{split}.bin", np.dtype(meta["dtype"])
+TOKEN_DTYPES = ("uint16", "uint32")  # what `prepare` writes (see `minillm.data.prepare.token_dtype`)
 
 
-def _open(path: Path, dtype: np.dtype) -> np.ndarray:
-    return np.memmap(path, dtype=dtype, mode="r")
+def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `meta.json` of a prepared data directory, with its `dtype` and `vocab_size` checked.
+
+    Errors are one line naming the file: FileNotFoundError when the directory was never prepared,
+    ValueError for a file that is not JSON or lacks a usable field.
+    """
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run prepare() on a source into {data_dir} first")
+    meta = read_json(path)
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise ValueError(f"{path}: dtype must be one of {TOKEN_DTYPES}, got {meta.get('dtype')!r}")
+    vocab_size = meta.get("vocab_size")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError(f"{path}: vocab_size must be a positive integer, got {vocab_size!r}; re-run prepare")
+    return meta
+
+
+def read_tokens(path: str | os.PathLike) -> np.memmap:
+    """A token file (`train.bin`, `val.bin`) as a read-only 1-D array, dtype from the meta.json next to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file not found: {path}")
+    return np.memmap(path, dtype=np.dtype(read_meta(path.parent)["dtype"]), mode="r")
 
 
 class BatchLoader:
@@ -62,10 +81,13 @@ class BatchLoader:
             raise ValueError(f"global batch_size {batch_size} must be divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
-        self.path, self.dtype = _bin_path_and_dtype(data_dir, split)
+        self.path = Path(data_dir) / f"{split}.bin"
+        self.dtype = np.dtype(read_meta(data_dir)["dtype"])
         self.n_tokens = os.path.getsize(self.path) // self.dtype.itemsize
         if self.n_tokens < block_size + 1:
-            raise ValueError(f"{self.path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+            raise ValueError(
+                f"{self.path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}"
+            )
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.step = seed, 0
@@ -80,8 +102,9 @@ class BatchLoader:
 
     def next_batch(self) -> Batch:
         """The next (x, y) batch for this rank, each (batch_size // world_size, block_size) int64."""
-        data = _open(self.path, self.dtype)  # re-opened per batch: flat memory
-        windows = np.stack([data[s : s + self.block_size + 1] for s in self.offsets(self.step)]).astype(np.int64)
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")  # re-opened per batch: flat memory
+        windows = np.stack([data[s : s + self.block_size + 1] for s in self.offsets(self.step)])
+        windows = windows.astype(np.int64)
         self.step += 1
         return windows[:, :-1], windows[:, 1:]
 
@@ -99,26 +122,28 @@ class BatchLoader:
 
 
 def eval_batches(
-    data_dir: str | os.PathLike,
+    tokens: np.ndarray,
     block_size: int,
     batch_size: int,
-    split: str = "val",
     max_batches: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    tail: bool = False,
 ) -> Iterator[Batch]:
-    """Consecutive, non-overlapping (x, y) windows for evaluation, always the same ones.
+    """Consecutive, non-overlapping (x, y) windows of a 1-D token array, always the same ones.
 
-    Window i covers tokens [i*T, (i+1)*T] (T = block_size). Rank r takes windows
-    r, r + world_size, ...; batches hold up to `batch_size` windows (the last may be smaller).
-    `max_batches` bounds the number of batches per rank (e.g. for a quick estimate).
+    Window i covers tokens [i*T, (i+1)*T] (T = block_size; y overlaps the next window's x by one
+    token). Rank r takes windows r, r + world_size, ...; batches hold up to `batch_size` windows
+    (the last may be smaller). `tail=True` adds the shorter window left at the end, as a batch of
+    its own, so that every token after the first is predicted exactly once. `max_batches` bounds
+    the number of batches per rank (e.g. for a quick estimate). `tokens` may be a `np.memmap`
+    (`read_tokens`): only the windows of the current batch are read.
     """
-    path, dtype = _bin_path_and_dtype(data_dir, split)
-    n_windows = (os.path.getsize(path) // dtype.itemsize - 1) // block_size
-    starts = np.arange(rank, n_windows, world_size) * block_size
-    for b, first in enumerate(range(0, len(starts), batch_size)):
-        if max_batches is not None and b >= max_batches:
-            return
-        data = _open(path, dtype)
-        windows = np.stack([data[s : s + block_size + 1] for s in starts[first : first + batch_size]]).astype(np.int64)
+    n_full = (len(tokens) - 1) // block_size
+    starts = list(np.arange(rank, n_full, world_size) * block_size)
+    groups = [starts[first : first + batch_size] for first in range(0, len(starts), batch_size)]
+    if tail and (len(tokens) - 1) % block_size and n_full % world_size == rank:
+        groups.append([n_full * block_size])  # the tail window, ending at the last token
+    for group in groups[:max_batches]:
+        windows = np.stack([tokens[s : s + block_size + 1] for s in group]).astype(np.int64)  # (B, T + 1)
         yield windows[:, :-1], windows[:, 1:]

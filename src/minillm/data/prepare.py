@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from minillm.data.loader import read_meta
 from minillm.data.sources import Document, Source, get_source
 from minillm.files import atomic_write_text
 from minillm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
@@ -67,7 +68,9 @@ def split_document(doc: Document, val_fraction: float) -> Iterator[tuple[str, st
         yield "val", data[newline + 1 :].decode("utf-8")
 
 
-def _tokenizer_settings(tokenizer: str | Tokenizer | os.PathLike, vocab_size: int | None, pattern: str) -> dict[str, Any]:
+def _tokenizer_settings(
+    tokenizer: str | Tokenizer | os.PathLike, vocab_size: int | None, pattern: str
+) -> dict[str, Any]:
     """What decides the tokenizer: part of the idempotency key in meta.json."""
     if isinstance(tokenizer, Tokenizer):
         blob = json.dumps(tokenizer.to_dict(), sort_keys=True).encode()
@@ -97,8 +100,8 @@ def _build_tokenizer(tokenizer: Any, settings: dict[str, Any], source: Source) -
 def _is_up_to_date(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The existing meta.json if `out` already holds this exact preparation, else None."""
     try:
-        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        meta = read_meta(out)
+    except (OSError, ValueError):  # absent or unreadable: prepare again
         return None
     if meta.get("settings") != settings or not (out / "tokenizer.json").is_file():
         return None
@@ -141,7 +144,8 @@ def _write_splits(tok: Tokenizer, src: Source, out: Path, dtype: np.dtype, val_f
     temp = {split: out / f".{split}.bin.tmp" for split in ("train", "val")}
     try:
         with open(temp["train"], "wb") as train_file, open(temp["val"], "wb") as val_file:
-            counts = _write_tokens(tok, src, {"train": train_file, "val": val_file}, dtype, val_fraction, progress)
+            files = {"train": train_file, "val": val_file}
+            counts = _write_tokens(tok, src, files, dtype, val_fraction, progress)
         if counts["train"] + counts["val"] == 0:
             raise ValueError(f"source {src.name!r} is empty: it has no text")
         for split, path in temp.items():
@@ -188,17 +192,28 @@ def prepare(
     if meta is not None:
         print(f"{out}: already prepared from {src.name} with these settings; nothing to do", file=sys.stderr)
         return meta
-    if progress is None:
-        progress = sys.stderr.isatty()
     tok = _build_tokenizer(tokenizer, settings["tokenizer"], src)
     if tok.vocab_size <= len(tok.special_tokens):
         raise ValueError(f"source {src.name!r} is empty: no text to build a tokenizer or token files from")
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
     dtype = token_dtype(tok.vocab_size)
+    progress = sys.stderr.isatty() if progress is None else progress
     counts = _write_splits(tok, src, out, dtype, val_fraction, progress)
     tok.save(out / "tokenizer.json")
-    meta = {
+    meta = _meta(settings, src, tok, dtype, counts)
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")  # last: the directory is complete
+    print(f"{out}: {counts['train']:,} train + {counts['val']:,} val tokens "
+          f"({dtype.name}, vocab {tok.vocab_size})", file=sys.stderr)
+    return meta
+
+
+def _meta(
+    settings: dict[str, Any], src: Source, tok: Tokenizer, dtype: np.dtype, counts: dict[str, int]
+) -> dict[str, Any]:
+    """The content of meta.json: what was prepared, how, and how many tokens came out."""
+    val_fraction = settings["val_fraction"]
+    return {
         "settings": settings,
         "source": src.name,
         "tokenizer": tok.type_name,
@@ -211,7 +226,3 @@ def prepare(
         "split": f"last {val_fraction:.0%} of each document (from the first line break after "
         f"{1 - val_fraction:.0%} of its UTF-8 bytes) is val; each document part ends with eos",
     }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1) + "\n")
-    print(f"{out}: {counts['train']:,} train + {counts['val']:,} val tokens ({dtype.name}, vocab {tok.vocab_size})",
-          file=sys.stderr)  # fmt: skip
-    return meta
