@@ -2,19 +2,19 @@
 
 GPT-2 style and LLaMA style are not subclasses, just different field values. Both frameworks,
 checkpoints, converters and the CLI read the same config. A config can come from a preset, a
-TOML file, a JSON file (a run directory's `config.json`) and `key=value` overrides.
+TOML file, a JSON file (a run directory's `config.json`) and `key=value` overrides; the generic
+dict / TOML / override parsing lives in `minillm.config_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from minillm.config_io import from_dict, load_toml, parse_overrides
+from minillm.data.loader import read_meta
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -69,7 +69,9 @@ class ModelConfig:
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("mlp", self.mlp, MLPS)
         if self.d_model % self.n_heads:
-            raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
@@ -96,9 +98,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def _swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -189,9 +188,11 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+            raise ValueError(f"TrainConfig.batch_size ({self.batch_size}) must be divisible by "
+                             f"grad_accum ({self.grad_accum})")
         if self.block_size > self.model.max_seq_len:
-            raise ValueError(f"TrainConfig.block_size ({self.block_size}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+            raise ValueError(f"TrainConfig.block_size ({self.block_size}) exceeds "
+                             f"model.max_seq_len ({self.model.max_seq_len})")
         for name, choices in (("schedule", ("cosine", "constant", "wsd")), ("backend", ("torch", "jax")),
                               ("dtype", ("auto", "float32", "bfloat16", "float16"))):
             if getattr(self, name) not in choices:
@@ -243,73 +244,6 @@ def check_sampling(temperature: float, top_k: int | None = None, top_p: float | 
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
-# --- generic dataclass <-> dict / TOML / overrides (shared by every config class) ---------------
-def from_dict(cls: type, d: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from a dict; unknown keys are an error that names them."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{cls.__name__} must be built from a table/dict, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(cls.__name__, k, v, hints[k]) for k, v in d.items()})
-
-
-def _coerce(owner: str, key: str, value: Any, hint: Any) -> Any:
-    """Check a value against a field's type hint; ints are accepted where floats are expected."""
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is bool and isinstance(value, bool):
-            return value
-        if t in (int, str) and isinstance(value, t) and not isinstance(value, bool):
-            return value
-        if t is ModelConfig and isinstance(value, ModelConfig):
-            return value
-    names = [getattr(t, "__name__", str(t)) for t in allowed]
-    raise ValueError(f"{owner}.{key} must be {' or '.join(names)}, got {value!r}")
-
-
-def parse_value(text: str) -> Any:
-    """Parse the right side of a `--set key=value` override as a TOML value, else a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['model.d_model=256', 'lr=3e-4'] -> {'model.d_model': 256, 'lr': 0.0003}."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {pair!r} must look like key=value")
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: invalid TOML: {e}") from None
-
-
-def model_config_from_toml(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
-    """A TOML file holding ModelConfig keys (optionally `preset = "name"` as the starting point)."""
-    d = load_toml(path)
-    d.update(parse_overrides(overrides or []))
-    return model_config_from_table(d)
-
-
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """A training TOML plus `--set` overrides. Unless the [model] table sets vocab_size, it is
     taken from the prepared data (data_dir/meta.json), so a config works for any tokenizer."""
@@ -317,26 +251,13 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     probe = train_config_from_dict(d, overrides)  # validates keys before touching the data
     model = dict(d.get("model", {}))
     explicit = "vocab_size" in model or any(o.startswith("model.vocab_size=") for o in overrides or [])
-    meta = Path(probe.data_dir) / "meta.json"
-    if not explicit and meta.is_file():
-        try:
-            model["vocab_size"] = int(json.loads(meta.read_text(encoding="utf-8"))["vocab_size"])
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{meta}: cannot read vocab_size ({e}); re-run `minillm prepare`") from None
+    if not explicit and (Path(probe.data_dir) / "meta.json").is_file():
+        model["vocab_size"] = read_meta(probe.data_dir)["vocab_size"]
         return train_config_from_dict({**d, "model": model}, overrides)
     return probe
 
 
-def model_config_from_json(path: str | Path) -> ModelConfig:
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read model config {path}: {e}") from None
-    return ModelConfig.from_dict(d)
-
-
 __all__ = [
     "ModelConfig", "TrainConfig", "MODEL_PRESETS", "train_config_from_dict", "model_config_from_table",
-    "load_train_config", "check_sampling", "from_dict", "parse_overrides", "parse_value", "load_toml",
-    "model_config_from_toml", "model_config_from_json",
+    "load_train_config", "check_sampling", "from_dict", "parse_overrides", "load_toml",
 ]
