@@ -63,7 +63,10 @@ def hf_train(docs: list[str], vocab_size: int):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), "isolated"), pre_tokenizers.ByteLevel(False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), "isolated"),
+            pre_tokenizers.ByteLevel(False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -89,7 +92,8 @@ def bench_training(docs: list[str], runs: int) -> list[tuple[str, int, float, fl
             ours = median_time(lambda: BPETokenizer().train(subset, vocab_size), runs)
             hf = median_time(lambda: hf_train(subset, vocab_size), runs)
             rows.append((label, vocab_size, ours, hf))
-            print(f"train {label} vocab {vocab_size}: ours {ours:.2f}s, HF {hf:.2f}s, ratio {ours / hf:.1f}x", flush=True)
+            print(f"train {label} vocab {vocab_size}: ours {ours:.2f}s, HF {hf:.2f}s, ratio {ours / hf:.1f}x",
+                  flush=True)
     return rows
 
 
@@ -111,7 +115,8 @@ def bench_encoding(docs: list[str], runs: int) -> list[tuple[str, float, float, 
 
         t_ours = median_time(encode_cold, runs)
         t_hf = median_time(lambda: hf.encode(sample), runs)
-        # HF's fast path: many strings at once, in parallel threads (here: 64 K-character pieces; timing only, ids at the cuts may differ).
+        # HF's fast path: many strings at once, in parallel threads (here: 64 K-character pieces;
+        # timing only, ids at the cuts may differ).
         pieces = [sample[i : i + 65536] for i in range(0, len(sample), 65536)]
         t_hf_batch = median_time(lambda: hf.encode_batch(pieces), runs)
         size = len(sample.encode("utf-8")) / 1e6
@@ -136,7 +141,8 @@ def bench_minbpe(path: str, docs: list[str]) -> tuple[float, float, float, float
     t_ours_train = median_time(lambda: ours.train(text, 1024 + len(SPECIAL_TOKENS)), 1)
     ours._cache.clear()
     t_ours_encode = median_time(lambda: ours.encode(text), 1, warmup=0)
-    print(f"minbpe: train {t_train:.1f}s (ours {t_ours_train:.2f}s), encode {t_encode:.2f}s (ours {t_ours_encode:.2f}s)")
+    print(f"minbpe: train {t_train:.1f}s (ours {t_ours_train:.2f}s), "
+          f"encode {t_encode:.2f}s (ours {t_ours_encode:.2f}s)")
     return t_train, t_encode, t_ours_train, t_ours_encode
 
 
@@ -145,21 +151,24 @@ def report(train_rows, encode_rows, minbpe_row, runs: int) -> str:
 
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; Python "
-        f"{platform.python_version()}, tokenizers {tokenizers.__version__}; median of {runs} runs after a warm-up.",
+        f"{platform.python_version()}, tokenizers {tokenizers.__version__}; "
+        f"median of {runs} runs after a warm-up.",
         "",
         "| training | vocab | minillm (s) | HF tokenizers (s) | minillm / HF |",
         "|---|---:|---:|---:|---:|",
     ]
     lines += [f"| {label} | {v} | {o:.2f} | {h:.2f} | {o / h:.1f}x |" for label, v, o, h in train_rows]
     lines += ["", "| encoding | MB | minillm (s) | minillm MB/s | HF, one string (s) | minillm / HF | "
-              "HF encode_batch, 64 KB pieces (s) | minillm / HF batch |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {label} | {mb:.2f} | {o:.2f} | {mb / o:.2f} | {h:.2f} | {o / h:.1f}x | {b:.2f} | {o / b:.1f}x |"
-              for label, mb, o, h, b in encode_rows]  # fmt: skip
+              "HF encode_batch, 64 KB pieces (s) | minillm / HF batch |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {label} | {mb:.2f} | {o:.2f} | {mb / o:.2f} | {h:.2f} | {o / h:.1f}x | "
+              f"{b:.2f} | {o / b:.1f}x |" for label, mb, o, h, b in encode_rows]
     if minbpe_row:
         tt, te, ot, oe = minbpe_row
-        lines += ["", "| minbpe RegexTokenizer, first 1 MB, vocab 1024 (1 run) | minbpe (s) | minillm (s) | minbpe / minillm |",
+        lines += ["", "| minbpe RegexTokenizer, first 1 MB, vocab 1024 (1 run) | minbpe (s) | minillm (s) "
+                      "| minbpe / minillm |",
                   "|---|---:|---:|---:|", f"| training | {tt:.1f} | {ot:.2f} | {tt / ot:.0f}x |",
-                  f"| encoding | {te:.2f} | {oe:.2f} | {te / oe:.1f}x |"]  # fmt: skip
+                  f"| encoding | {te:.2f} | {oe:.2f} | {te / oe:.1f}x |"]
     return "\n".join(lines)
 
 

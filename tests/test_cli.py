@@ -42,5 +42,6 @@ def test_bad_override_is_a_clean_error(capsys):
 
 
 def test_console_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "minillm.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "minillm.cli", "--help"],
+                         capture_output=True, text=True, check=True)
     assert "prepare data, train" in out.stdout

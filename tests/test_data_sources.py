@@ -27,7 +27,8 @@ def test_shakespeare_source_from_cache() -> None:
     src = get_source("shakespeare")
     docs = list(src.documents())
     assert len(docs) == 42 and src.checksum() == sources.SHAKESPEARE_SHA256
-    assert "To be, or not to be" in "".join(d for doc in docs if "hamlet" in doc.name for d in doc.read_blocks())
+    hamlet = "".join(d for doc in docs if "hamlet" in doc.name for d in doc.read_blocks())
+    assert "To be, or not to be" in hamlet
     assert sum(doc.size for doc in docs) == 5_057_198
 
 
@@ -73,8 +74,13 @@ def test_jsonl_without_text_field_names_the_line(tmp_path) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.lists(st.sampled_from(["a", "é", "中", "🙂", "\n", "\r\n", " "]), max_size=200).map("".join), block=st.integers(4, 40))
-def test_blocks_never_cut_a_character_or_line(tmp_path_factory, monkeypatch_module, text: str, block: int) -> None:
+@given(
+    text=st.lists(st.sampled_from(["a", "é", "中", "🙂", "\n", "\r\n", " "]), max_size=200).map("".join),
+    block=st.integers(4, 40),
+)
+def test_blocks_never_cut_a_character_or_line(
+    tmp_path_factory, monkeypatch_module, text: str, block: int
+) -> None:
     path = tmp_path_factory.mktemp("blocks") / "t.txt"
     path.write_bytes(text.encode("utf-8"))
     monkeypatch_module.setattr(sources, "BLOCK_BYTES", block)

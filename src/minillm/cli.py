@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 import minillm.commands
+from minillm.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from minillm.checkpoint import CheckpointError
-
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, CheckpointError) as e:

@@ -12,8 +12,10 @@ transformers = pytest.importorskip("transformers")
 GPT2_SHAPES = [
     dict(vocab_size=97, max_seq_len=32, d_model=48, n_layers=3, n_heads=4, tie_embeddings=True),
     dict(vocab_size=211, max_seq_len=64, d_model=64, n_layers=2, n_heads=8, d_ff=96, tie_embeddings=False),
-    dict(vocab_size=50, max_seq_len=40, d_model=96, n_layers=5, n_heads=3, norm_eps=1e-6, tie_embeddings=True),
-    dict(vocab_size=65, max_seq_len=24, d_model=32, n_layers=1, n_heads=2, mlp="gelu_exact", tie_embeddings=False),
+    dict(vocab_size=50, max_seq_len=40, d_model=96, n_layers=5, n_heads=3, norm_eps=1e-6,
+         tie_embeddings=True),
+    dict(vocab_size=65, max_seq_len=24, d_model=32, n_layers=1, n_heads=2, mlp="gelu_exact",
+         tie_embeddings=False),
 ]
 LLAMA_SHAPES = [
     dict(vocab_size=97, max_seq_len=32, d_model=64, n_layers=3, n_heads=4, n_kv_heads=1, tie_embeddings=True),
@@ -40,11 +42,16 @@ def _randomised(cfg: ModelConfig) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mlp}-L{c.n_layers}-kv{c.n_kv_heads}-tie{c.tie_embeddings}")
+def _config_id(c: ModelConfig) -> str:
+    return f"{c.mlp}-L{c.n_layers}-kv{c.n_kv_heads}-tie{c.tie_embeddings}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
 def test_logits_match_transformers(cfg):
     model = _randomised(cfg)
     hf_model = hf.to_transformers(model)
-    assert type(hf_model).__name__ == ("GPT2LMHeadModel" if cfg.positions == "learned" else "LlamaForCausalLM")
+    expected = "GPT2LMHeadModel" if cfg.positions == "learned" else "LlamaForCausalLM"
+    assert type(hf_model).__name__ == expected
     tokens = torch.randint(0, cfg.vocab_size, (3, cfg.max_seq_len))
     with torch.no_grad():
         ours, theirs = model(tokens), hf_model(tokens).logits

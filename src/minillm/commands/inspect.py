@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from minillm.config import ModelConfig, load_train_config
+
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="parameters, FLOPs per token and training memory of a config",
@@ -17,8 +19,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillm.config import ModelConfig, load_train_config
-
     if args.preset:
         train = None
         model = ModelConfig.preset(args.preset)
@@ -50,7 +50,8 @@ def memory_estimate(model, train) -> list[str]:
         micro = train.batch_size // train.grad_accum
         # per layer and token, roughly: ~16 D-sized tensors saved (norms, q/k/v/o, MLP in/out at
         # d_ff) plus attention's H x T scores; logits add vocab per token.
-        per_token = model.n_layers * (10 * model.d_model + 3 * model.d_ff + model.n_heads * T) + 2 * model.vocab_size
+        per_layer = 10 * model.d_model + 3 * model.d_ff + model.n_heads * T
+        per_token = model.n_layers * per_layer + 2 * model.vocab_size
         act = micro * T * per_token * 4
         lines += [f"training state    {n_params * 16 / 2**20:,.1f} MiB (weights, grads, AdamW moments)",
                   f"activations       ~{act / 2**20:,.1f} MiB (micro-batch {micro} x {T} tokens, fp32)",

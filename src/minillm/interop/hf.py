@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from minillm.config import ModelConfig
+from minillm.torch.model import Transformer
 
 
 def family(config: ModelConfig) -> str:
@@ -68,7 +69,8 @@ def _gpt2_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, t
             out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T  # Conv1D stores [in, out]
             out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
         for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = sd[b + ours + ".weight"], sd[b + ours + ".bias"]
+            out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
+            out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
     out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
     out["lm_head.weight"] = sd.get("lm_head.weight", sd["tok_emb.weight"])
     return out
@@ -81,11 +83,14 @@ def _gpt2_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
         w, bias = hf[h + "attn.c_attn.weight"].T, hf[h + "attn.c_attn.bias"]  # (3D, D), (3D,)
         for j, n in enumerate("qkv"):
-            sd[b + f"attn.{n}.weight"], sd[b + f"attn.{n}.bias"] = w[j * D:(j + 1) * D], bias[j * D:(j + 1) * D]
+            sd[b + f"attn.{n}.weight"] = w[j * D:(j + 1) * D]
+            sd[b + f"attn.{n}.bias"] = bias[j * D:(j + 1) * D]
         for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
-            sd[b + ours + ".weight"], sd[b + ours + ".bias"] = hf[h + theirs + ".weight"].T, hf[h + theirs + ".bias"]
+            sd[b + ours + ".weight"] = hf[h + theirs + ".weight"].T  # Conv1D stores [in, out]
+            sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
         for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            sd[b + ours + ".weight"], sd[b + ours + ".bias"] = hf[h + theirs + ".weight"], hf[h + theirs + ".bias"]
+            sd[b + ours + ".weight"] = hf[h + theirs + ".weight"]
+            sd[b + ours + ".bias"] = hf[h + theirs + ".bias"]
     sd["norm.weight"], sd["norm.bias"] = hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"]
     if not config.tie_embeddings:
         sd["lm_head.weight"] = hf["lm_head.weight"]
@@ -124,7 +129,8 @@ def to_transformers(model_or_state, config: ModelConfig | None = None):
         if config.tie_embeddings:
             hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
     hf_model = cls(hf_config(config)).eval()
-    missing, unexpected = hf_model.load_state_dict({k: v.contiguous() for k, v in hf_sd.items()}, strict=False)
+    hf_sd = {k: v.contiguous() for k, v in hf_sd.items()}
+    missing, unexpected = hf_model.load_state_dict(hf_sd, strict=False)
     missing = [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]
     if missing or unexpected:
         raise RuntimeError(f"conversion to {cls.__name__} left missing={missing} unexpected={unexpected}")
@@ -154,12 +160,15 @@ def config_from_hf(hf_config_obj) -> ModelConfig:
             raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
         head_dim = getattr(c, "head_dim", None)
         if head_dim is not None and head_dim != c.hidden_size // c.num_attention_heads:
-            raise ValueError("LLaMA configs with head_dim != hidden_size / num_attention_heads are not supported")
+            raise ValueError(
+                "LLaMA configs with head_dim != hidden_size / num_attention_heads are not supported"
+            )
         return ModelConfig(
             vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, d_model=c.hidden_size,
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
             d_ff=c.intermediate_size, norm="rmsnorm", norm_eps=c.rms_norm_eps, positions="rope",
-            rope_theta=float(theta), mlp="swiglu", bias=bool(c.attention_bias), tie_embeddings=bool(c.tie_word_embeddings),
+            rope_theta=float(theta), mlp="swiglu", bias=bool(c.attention_bias),
+            tie_embeddings=bool(c.tie_word_embeddings),
         )
     raise ValueError(f"unsupported transformers model_type {c.model_type!r} (gpt2 and llama convert)")
 
@@ -188,8 +197,6 @@ def load_pretrained(path: str):
     Only safetensors weights are read (no pickle): transformers is asked for `use_safetensors=True`.
     """
     import transformers
-
-    from minillm.torch.model import Transformer
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     config, sd = from_transformers(hf_model)
