@@ -22,10 +22,13 @@ LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False)
 SHAPES = {  # (B, T, model fields): 3 GPT-2 style, 3 LLaMA style with grouped-query attention
     "gpt2-a": (1, 8, dict(GPT2, vocab_size=37, d_model=32, n_layers=1, n_heads=2)),
     "gpt2-b": (3, 17, dict(GPT2, vocab_size=50, d_model=48, n_layers=2, n_heads=4)),
-    "gpt2-c": (2, 32, dict(GPT2, vocab_size=65, d_model=64, n_layers=3, n_heads=8, bias=False, tie_embeddings=False)),
+    "gpt2-c": (2, 32, dict(GPT2, vocab_size=65, d_model=64, n_layers=3, n_heads=8, bias=False,
+                           tie_embeddings=False)),
     "llama-a": (1, 8, dict(LLAMA, vocab_size=37, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)),
-    "llama-b": (3, 17, dict(LLAMA, vocab_size=50, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, tie_embeddings=False)),
-    "llama-c": (2, 32, dict(LLAMA, vocab_size=65, d_model=64, n_layers=3, n_heads=8, n_kv_heads=1, rope_theta=500000.0)),
+    "llama-b": (3, 17, dict(LLAMA, vocab_size=50, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2,
+                            tie_embeddings=False)),
+    "llama-c": (2, 32, dict(LLAMA, vocab_size=65, d_model=64, n_layers=3, n_heads=8, n_kv_heads=1,
+                            rope_theta=500000.0)),
 }
 
 
@@ -50,7 +53,8 @@ def test_full_model_logits_match_torch(name):
 
 
 def test_sinusoidal_positions_exact_gelu_and_loss_match_torch():
-    model = torch_model(dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, positions="sinusoidal", mlp="gelu_exact"))
+    model = torch_model(dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, positions="sinusoidal",
+                             mlp="gelu_exact"))
     ids = tokens(2, 12, 40)
     targets = tokens(2, 12, 40, seed=2)
     targets[0, :3] = -100  # ignored positions
@@ -60,6 +64,21 @@ def test_sinusoidal_positions_exact_gelu_and_loss_match_torch():
     logits = jm.jit_forward(model.config)(params, jnp.asarray(ids))
     assert np.abs(np.asarray(logits) - ref_logits.detach().numpy()).max() <= 1e-5
     assert abs(float(jm.next_token_loss(logits, jnp.asarray(targets))) - ref_loss) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["gpt2-b", "llama-b", "sinusoidal"])
+def test_forward_runs_in_bfloat16(name):
+    """A bfloat16 params tree gives bfloat16 logits (no float32 table promotes the whole forward)
+    whose loss stays close to the float32 one; mixed-precision training relies on both."""
+    B, T, fields = SHAPES.get(name, SHAPES["gpt2-b"])
+    model = torch_model(dict(fields, positions="sinusoidal") if name == "sinusoidal" else fields)
+    params = jm.params_from_canonical(model_params(model), model.config)
+    ids, targets = jnp.asarray(tokens(B, T, model.config.vocab_size)), jnp.asarray(tokens(B, T, 50, seed=2))
+    forward = jm.jit_forward(model.config)
+    logits = forward(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), ids)
+    assert logits.dtype == jnp.bfloat16
+    fp32_loss = float(jm.next_token_loss(forward(params, ids), targets))
+    assert abs(float(jm.next_token_loss(logits, targets)) - fp32_loss) < 0.02 * fp32_loss
 
 
 def test_forward_rejects_too_long_input():
@@ -108,8 +127,9 @@ def test_params_from_canonical_rejects_wrong_architecture():
 
 @pytest.mark.parametrize("package,forbidden", [("minillm.jax", "torch"), ("minillm.torch", "jax")])
 def test_frameworks_do_not_import_each_other(package, forbidden):
-    modules = {"minillm.jax": ["layers", "model", "generate", "train", "parallel", "train_loop", "trainer_state"],
-               "minillm.torch": ["layers", "model", "sampling"]}[package]
+    modules = {"minillm.jax": ["layers", "model", "kv_cache", "sampling", "beam", "generate", "optim", "step",
+                               "train", "parallel", "trainer_state"],
+               "minillm.torch": ["layers", "model", "sampling", "kv_cache", "generate", "beam"]}[package]
     code = (f"import sys, importlib\n"
             f"for m in {modules!r}: importlib.import_module('{package}.' + m)\n"
             f"bad = sorted(m for m in sys.modules if m == '{forbidden}' or m.startswith('{forbidden}.'))\n"

@@ -18,6 +18,7 @@ import numpy as np
 
 import jax
 from minillm.config import ModelConfig
+from minillm.jax.kv_cache import write_slots
 
 Params = dict  # canonical name -> jax.Array
 
@@ -42,15 +43,18 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 # --- normalisation ------------------------------------------------------------------------------
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
-    """LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) * weight (+ bias), over the last axis."""
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)  # biased variance, as PyTorch
-    y = (x - mean) * jax.lax.rsqrt(var + eps) * weight
+    """LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) * weight (+ bias), over the last axis.
+    The statistics are computed in float32 whatever x's dtype (as torch's layer_norm under autocast)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)  # biased variance, as PyTorch
+    y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * weight
     return y if bias is None else y + bias
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm (Zhang & Sennrich 2019): rescale by the root mean square; computed in float32."""
+    """RMSNorm (Zhang & Sennrich 2019): rescale by the root mean square. Computed in float32 even
+    for bfloat16 x (as LLaMA does): squares lose precision in bfloat16 and overflow float16."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
@@ -94,8 +98,9 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate each (x[i], x[i + hd/2]) pair: x (B, H, T, hd); cos/sin (T, hd) or (B, 1, T, hd)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate each (x[i], x[i + hd/2]) pair: x (B, H, T, hd); cos/sin (T, hd) or (B, 1, T, hd).
+    The float32 tables are cast to x's dtype, so a bfloat16 forward stays in bfloat16."""
+    return x * cos.astype(x.dtype) + rotate_half(x) * sin.astype(x.dtype)
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def attention(
     (Ainslie et al. 2023), MQA when K == 1 (Shazeer 2019). x (B, T, D) -> (B, T, D).
 
     kv_cache: (k_cache, v_cache, start) with caches (B, K, S_max, hd) of fixed shape; this step's
-    keys/values are written at position `start` (lax.dynamic_update_slice, no new shape, so no
+    keys/values are written at slot `start` (minillm.jax.kv_cache.write_slots: no new shape, so no
     recompilation) and the queries attend to slots 0 .. start + i. Returns (y, (k_cache, v_cache))
     with the updated caches, or (y, None) without a cache.
     """
@@ -148,8 +153,7 @@ def attention(
     new_cache = None
     if kv_cache is not None:
         k_cache, v_cache, start = kv_cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, start, 0))  # (B, K, S_max, hd)
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
+        k, v = write_slots(k_cache, k, start), write_slots(v_cache, v, start)  # (B, K, S_max, hd)
         new_cache = (k, v)
         if mask is None:  # slots past start + i are empty (or stale) and must not be seen
             mask = causal_mask(T, k.shape[2], start)
@@ -165,7 +169,8 @@ def attention(
 def gelu_mlp(params: Params, prefix: str, x: jax.Array, approximate: bool = True) -> jax.Array:
     """GPT-2's MLP: down(gelu(up(x))); GELU's tanh approximation for mlp="gelu" (what GPT-2 was
     trained with), the erf form for mlp="gelu_exact"."""
-    return linear(params, f"{prefix}.down", jax.nn.gelu(linear(params, f"{prefix}.up", x), approximate=approximate))
+    hidden = jax.nn.gelu(linear(params, f"{prefix}.up", x), approximate=approximate)
+    return linear(params, f"{prefix}.down", hidden)
 
 
 def swiglu(params: Params, prefix: str, x: jax.Array) -> jax.Array:

@@ -62,7 +62,7 @@ def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax
     if config.positions == "learned":
         x = x + params["pos_emb.weight"][positions]
     elif config.positions == "sinusoidal":
-        x = x + sinusoidal_table(config.max_seq_len, config.d_model)[positions]
+        x = x + sinusoidal_table(config.max_seq_len, config.d_model)[positions].astype(x.dtype)
     return x
 
 
@@ -107,7 +107,7 @@ def forward_cached(params: Params, config: ModelConfig, tokens: jax.Array, cache
                    start: jax.Array) -> tuple[jax.Array, dict]:
     """The forward of KV-cached decoding: tokens (B, T) sit at positions start .. start + T - 1.
 
-    cache: {"k": (L, B, K, S_max, hd), "v": same} of fixed shape (minillm.jax.generate.make_cache);
+    cache: {"k": (L, B, K, S_max, hd), "v": same} of fixed shape (minillm.jax.kv_cache.make_cache);
     their keys/values are written into it at `start`. Returns (logits (B, T, vocab), new cache).
     """
     positions = start + jnp.arange(tokens.shape[1])  # (T,)
@@ -139,34 +139,25 @@ def num_parameters(params: Params) -> int:
 
 
 # --- jit with the config as a compile-time constant ----------------------------------------------
-def config_key(config: ModelConfig) -> str:
-    """A hashable stand-in for a ModelConfig (dataclasses with eq are not hashable)."""
+def config_json(config: ModelConfig) -> str:
+    """A hashable stand-in for a ModelConfig (dataclasses with eq are not hashable): its JSON."""
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
 @lru_cache(maxsize=32)
-def _jitted_forward(key: str):
-    config = ModelConfig.from_dict(json.loads(key))
+def _jitted_forward(config_json: str):
+    config = ModelConfig.from_dict(json.loads(config_json))
     return jax.jit(lambda params, tokens: forward(params, config, tokens))
 
 
 def jit_forward(config: ModelConfig):
     """`forward` compiled for this config: f(params, tokens) -> logits (one compile per shape)."""
-    return _jitted_forward(config_key(config))
+    return _jitted_forward(config_json(config))
 
 
 # --- run directory <-> params --------------------------------------------------------------------
-def model_params(params: Params) -> dict[str, np.ndarray]:
-    """Canonical name -> float32 numpy array (what minillm.checkpoint writes); as in torch/model.py."""
-    return params_to_canonical(params)
-
-
-def model_from_params(config: ModelConfig, flat: dict) -> Params:
-    """Canonical params (numpy arrays from a checkpoint) -> the params `forward` takes."""
-    return params_from_canonical(flat, config)
-
-
-def save_model(run_dir: str | Path, config: ModelConfig, params: Params, extra_config: dict | None = None) -> None:
+def save_model(run_dir: str | Path, config: ModelConfig, params: Params,
+               extra_config: dict | None = None) -> None:
     """Write config.json and model.safetensors: the same files the PyTorch side writes and reads."""
     checkpoint.save_model(run_dir, config, params_to_canonical(params), extra_config)
 
