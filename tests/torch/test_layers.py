@@ -40,6 +40,46 @@ def test_rmsnorm_matches_torch_and_formula():
     torch.testing.assert_close(ours(x).double(), formula, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("module", [True, False])
+def test_rmsnorm_epsilon_counts_on_small_inputs(module):
+    """x ~ 1e-4 gives mean(x²) ~ 1e-8, well below eps = 1e-5: a norm that drops eps (or adds it
+    outside the root) is off by orders of magnitude here, while unit-scale inputs hide it."""
+    weight = torch.randn(32)
+    x = torch.randn(4, 5, 32) * 1e-4
+    if module:
+        norm = layers.RMSNorm(32, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+        ours = norm(x)
+    else:
+        ours = layers.rms_norm(x, weight, 1e-5)
+    x64 = x.double()
+    formula = x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    torch.testing.assert_close(ours.double(), formula, atol=1e-6, rtol=1e-5)
+
+
+def test_rmsnorm_statistics_are_float32_under_bfloat16():
+    """bf16 input: the mean of squares is taken in float32 (it would lose digits, or overflow in
+    fp16), only the result is rounded to bf16: within one bf16 rounding of the float64 formula."""
+    x = (torch.randn(3, 64) * 30).bfloat16()
+    weight = torch.ones(64, dtype=torch.bfloat16)
+    ours = layers.rms_norm(x, weight, 1e-5)
+    assert ours.dtype == torch.bfloat16
+    x64 = x.double()
+    formula = x64 / torch.sqrt((x64**2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(ours.double(), formula, atol=0, rtol=2**-8)
+
+
+def test_layer_norm_function_matches_float64_formula_on_small_inputs():
+    x, w, b = torch.randn(4, 32) * 1e-4, torch.randn(32), torch.randn(32)
+    x64 = x.double()
+    centred = x64 - x64.mean(-1, keepdim=True)
+    formula = centred / torch.sqrt((centred**2).mean(-1, keepdim=True) + 1e-5) * w.double() + b.double()
+    torch.testing.assert_close(layers.layer_norm(x, w, b, 1e-5).double(), formula, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layers.norm(x, "layernorm", w, b, 1e-5), layers.layer_norm(x, w, b, 1e-5))
+    torch.testing.assert_close(layers.norm(x, "rmsnorm", w, None, 1e-5), layers.rms_norm(x, w, 1e-5))
+
+
 def test_sinusoidal_table_matches_paper_formula():
     T, D = 50, 32
     table = layers.sinusoidal_table(T, D)
@@ -59,7 +99,8 @@ def test_rope_is_a_complex_rotation():
     x64 = x.double()
     z = torch.complex(x64[..., : hd // 2], x64[..., hd // 2 :])
     freqs = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    rot = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freqs)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * freqs
+    rot = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), angles)
     ref = torch.cat([(z * rot).real, (z * rot).imag], dim=-1)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)
     # A rotation keeps norms, and the score q.k depends only on the offset between positions.
@@ -73,7 +114,8 @@ def _naive_attention(q, k, v, mask):
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                scores = [(q[b, h, t].double() @ k[b, h, s].double()).item() / math.sqrt(hd) for s in range(k.size(2))]
+                scores = [(q[b, h, t].double() @ k[b, h, s].double()).item() / math.sqrt(hd)
+                          for s in range(k.size(2))]
                 scores = [sc if mask[t, s] else -math.inf for s, sc in enumerate(scores)]
                 m = max(scores)
                 w = torch.tensor([math.exp(sc - m) for sc in scores], dtype=torch.float64)
@@ -81,14 +123,39 @@ def _naive_attention(q, k, v, mask):
     return out
 
 
-@pytest.mark.parametrize("T, S", [(6, 6), (3, 8)])  # full causal, and a query block after cached keys
-def test_attention_paths_match_naive_loop(T, S):
+CAUSAL_6 = torch.tensor([  # full causal: query i sees keys 0 .. i
+    [1, 0, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0, 0],
+    [1, 1, 1, 0, 0, 0],
+    [1, 1, 1, 1, 0, 0],
+    [1, 1, 1, 1, 1, 0],
+    [1, 1, 1, 1, 1, 1],
+], dtype=torch.bool)
+CAUSAL_3_AFTER_5 = torch.tensor([  # 3 queries after 5 cached keys: bottom-right aligned
+    [1, 1, 1, 1, 1, 1, 0, 0],
+    [1, 1, 1, 1, 1, 1, 1, 0],
+    [1, 1, 1, 1, 1, 1, 1, 1],
+], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("mask", [CAUSAL_6, CAUSAL_3_AFTER_5], ids=["6x6", "3x8"])
+def test_causal_mask_is_bottom_right_aligned(mask):
+    assert torch.equal(layers.causal_mask(*mask.shape), mask)
+
+
+@pytest.mark.parametrize("mask", [CAUSAL_6, CAUSAL_3_AFTER_5], ids=["6x6", "3x8"])
+def test_attention_paths_match_naive_loop(mask):
+    """Default (None = causal) and explicit masks, bool and float, against a literal mask."""
+    (T, S), neg = mask.shape, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     q, k, v = torch.randn(2, 3, T, 8), torch.randn(2, 3, S, 8), torch.randn(2, 3, S, 8)
-    mask = layers.causal_mask(T, S)
     ref = _naive_attention(q, k, v, mask)
     out_math, weights = layers.attention_math(q, k, v, None)
     torch.testing.assert_close(out_math.double(), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, T))
+    assert torch.equal(weights[0, 0] > 0, mask)
+    for explicit in (mask, neg):  # bool (True = attend) and float bias (0 / -inf), as the packed model
+        out, _ = layers.attention_math(q, k, v, explicit)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(sdpa.double(), ref, atol=1e-5, rtol=0)
 
@@ -110,7 +177,8 @@ def test_attention_module_paths_agree_and_match_naive(n_kv_heads):
     q = attn.q(x).view(2, 7, 4, 8).transpose(1, 2)
     k = attn.k(x).view(2, 7, n_kv_heads, 8).transpose(1, 2).repeat_interleave(4 // n_kv_heads, 1)
     v = attn.v(x).view(2, 7, n_kv_heads, 8).transpose(1, 2).repeat_interleave(4 // n_kv_heads, 1)
-    y = _naive_attention(q, k, v, layers.causal_mask(7, 7)).float().transpose(1, 2).reshape(2, 7, 32)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()  # query i sees keys 0 .. i
+    y = _naive_attention(q, k, v, causal).float().transpose(1, 2).reshape(2, 7, 32)
     torch.testing.assert_close(fused, attn.o(y), atol=1e-5, rtol=1e-5)
 
 
@@ -124,7 +192,8 @@ def test_gqa_with_all_kv_heads_equals_mha():
         mha.out_proj.weight.copy_(attn.o.weight)
         mha.out_proj.bias.copy_(attn.o.bias)
     x = torch.randn(2, 9, 32)
-    ref, _ = mha(x, x, x, attn_mask=~layers.causal_mask(9, 9), need_weights=False)
+    future = torch.ones(9, 9, dtype=torch.bool).triu(diagonal=1)  # True = may NOT attend, for torch's module
+    ref, _ = mha(x, x, x, attn_mask=future, need_weights=False)
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -137,6 +206,25 @@ def test_swiglu_matches_formula():
     gate = x64 @ g.T
     ref = ((gate / (1 + torch.exp(-gate))) * (x64 @ u.T)) @ d.T
     torch.testing.assert_close(mlp(x).double(), ref, atol=1e-5, rtol=1e-5)
+    # the packed model's form: gate and up fused into one [gate | up] matrix, one product
+    fused = torch.cat([mlp.gate.weight, mlp.up.weight])  # (2F, D)
+    out = layers.swiglu(x, lambda h: h @ fused.T, None, mlp.down)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mlps_call_their_linear_modules():
+    """LoRA and quantization swap an nn.Linear for another module: the MLPs must go through it."""
+    for cfg in (_attn_config(mlp="swiglu", d_ff=24), _attn_config(bias=True)):
+        mlp = layers.SwiGLU(cfg) if cfg.mlp == "swiglu" else layers.GeluMLP(cfg)
+        x = torch.randn(2, 3, 32)
+        before = mlp(x)
+        mlp.down = torch.nn.Sequential(mlp.down, _Doubling())  # what a LoRA wrapper does: a new module
+        torch.testing.assert_close(mlp(x), 2 * before)
+
+
+class _Doubling(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
 
 
 def test_gelu_mlp_uses_gpt2_tanh_gelu():

@@ -22,7 +22,8 @@ def _canonical_names(cfg: ModelConfig) -> set[str]:
     if cfg.norm == "layernorm" and cfg.bias:
         names.add("norm.bias")
     for i in range(cfg.n_layers):
-        parts = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"] + (["mlp.gate"] if cfg.mlp == "swiglu" else [])
+        parts = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
+        parts += ["mlp.gate"] if cfg.mlp == "swiglu" else []
         for p in parts:
             names.add(f"blocks.{i}.{p}.weight")
             if cfg.bias:
@@ -87,7 +88,10 @@ def test_parameter_count_and_flops():
 def test_init_scales_residual_projections():
     cfg = ModelConfig(vocab_size=64, d_model=256, n_layers=8, n_heads=4, d_ff=1024)
     model = Transformer(cfg)
-    std = lambda t: t.float().std().item()
+
+    def std(t):
+        return t.float().std().item()
+
     assert abs(std(model.blocks[0].attn.q.weight) - 0.02) < 0.002
     assert abs(std(model.blocks[0].attn.o.weight) - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
     assert abs(std(model.blocks[0].mlp.down.weight) - 0.02 / 4) < 0.001

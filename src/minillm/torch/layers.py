@@ -1,5 +1,10 @@
 """The parts of a Transformer, one small class or function each, in PyTorch.
 
+Each part's maths is a plain function of tensors and weights (`layer_norm`, `rms_norm`,
+`apply_rope`, `attention_math`, `gelu_mlp`, `swiglu`), as in minillm/jax/layers.py. The
+`nn.Module`s below hold the canonical parameters and call those functions; the packed inference
+model (minillm.torch.packed) calls the same functions on its own layout of the same weights.
+
 Shapes: B batch, T query length, S key length (T plus any cached tokens), D d_model,
 H query heads, K key/value heads, hd head_dim. Parameter names follow DESIGN.md.
 """
@@ -7,6 +12,7 @@ H query heads, K key/value heads, hd head_dim. Parameter names follow DESIGN.md.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch.nn.functional as F
 
@@ -14,8 +20,34 @@ import torch
 from minillm.config import ModelConfig
 from torch import nn
 
+# (x, weight, bias) -> x Wᵀ + b in some weight layout; F.linear for the (out, in) of nn.Linear.
+LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# x -> x Wᵀ + b with the weights bound: an nn.Linear (so LoRA or quantization can swap it) or a packed one.
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
 
 # --- normalisation ------------------------------------------------------------------------------
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) * weight (+ bias), over the last
+    axis, as one fused kernel."""
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight, over the last axis.
+    Computed in float32 even under bf16 autocast (as LLaMA does): squares overflow fp16. On
+    float32 input the casts are no-ops (no copy)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.type_as(x)
+
+
+def norm(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+         eps: float) -> torch.Tensor:
+    """The config's norm (config.norm: "rmsnorm" or "layernorm") with these weights."""
+    return rms_norm(x, weight, eps) if kind == "rmsnorm" else layer_norm(x, weight, bias, eps)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm (Ba et al. 2016) with an optional bias (GPT-2 has one; nanoGPT can drop it)."""
 
@@ -26,8 +58,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (x - mean) / sqrt(var + eps) * weight + bias, as one fused kernel.
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -39,10 +70,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in float32 even under bf16 autocast (as LLaMA does): squares overflow fp16.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -98,13 +126,14 @@ def attention_math(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ / sqrt(hd) + mask) v, written out; also returns the weights for plots.
 
-    q (B, H, T, hd); k, v (B, H, S, hd); mask (T, S) or (B, 1, T, S) bool or None -> causal.
+    q (B, H, T, hd); k, v (B, H, S, hd); mask (T, S) or (B, 1, T, S): bool (True = attend), or
+    float added to the scores (0 = attend, -inf = not), or None -> causal.
     Returns out (B, H, T, hd) and weights (B, H, T, S).
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is None:
         mask = causal_mask(q.size(-2), k.size(-2), q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = torch.softmax(scores.float(), dim=-1).type_as(q)
     return F.dropout(weights, dropout_p) @ v if dropout_p else weights @ v, weights
 
@@ -172,18 +201,36 @@ class Attention(nn.Module):
 
 
 # --- feed-forward -------------------------------------------------------------------------------
+GELU_APPROXIMATE = {"gelu": "tanh", "gelu_exact": "none"}  # config.mlp -> F.gelu's `approximate`
+
+
+def gelu_mlp(x: torch.Tensor, up: Linear, down: Linear, approximate: str = "tanh") -> torch.Tensor:
+    """GPT-2's MLP: down(gelu(up(x))). up, down: the linear maps (an nn.Linear, or a packed
+    weight applied by a function). x (..., D) -> (..., D); approximate "tanh" (GPT-2) or "none"
+    (the erf form x·Φ(x))."""
+    return down(F.gelu(up(x), approximate=approximate))
+
+
+def swiglu(x: torch.Tensor, gate: Linear, up: Linear | None, down: Linear) -> torch.Tensor:
+    """Shazeer 2020, as in LLaMA: down(silu(gate(x)) * up(x)). up None when `gate` computes the
+    gate and up projections fused along the outputs ([gate | up]), one product instead of two.
+    x (..., D) -> (..., D)."""
+    g, u = gate(x).chunk(2, dim=-1) if up is None else (gate(x), up(x))  # (..., F) each
+    return down(F.silu(g) * u)
+
+
 class GeluMLP(nn.Module):
     """GPT-2's MLP: down(gelu(up(x))). mlp="gelu" uses GELU's tanh approximation (what GPT-2 was
     trained with, so its weights reproduce exactly); mlp="gelu_exact" the erf form x·Φ(x)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.approximate = "tanh" if config.mlp == "gelu" else "none"
+        self.approximate = GELU_APPROXIMATE[config.mlp]
         self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x), approximate=self.approximate))
+        return gelu_mlp(x, self.up, self.down, self.approximate)
 
 
 class SwiGLU(nn.Module):
@@ -196,7 +243,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return swiglu(x, self.gate, self.up, self.down)
 
 
 # --- the block ----------------------------------------------------------------------------------

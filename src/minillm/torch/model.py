@@ -12,6 +12,7 @@ import math
 import torch.nn.functional as F
 
 import torch
+from minillm.checkpoint import check_params, load_run
 from minillm.config import ModelConfig
 from minillm.torch.layers import Block, make_norm, rope_tables, sinusoidal_table
 from torch import nn
@@ -26,7 +27,8 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         if config.positions == "sinusoidal":  # fixed tables are buffers, not parameters
-            self.register_buffer("sin_table", sinusoidal_table(config.max_seq_len, config.d_model), persistent=False)
+            table = sinusoidal_table(config.max_seq_len, config.d_model)
+            self.register_buffer("sin_table", table, persistent=False)
         if config.positions == "rope":
             cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -66,7 +68,7 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab).
 
         positions: (T,) or (B, T) absolute positions, default 0..T-1 (a KV cache passes its offset).
-        kv_caches: one cache per block (see minillm.torch.generate). mask: (T, S) or (B, 1, T, S)
+        kv_caches: one KVCache per block (minillm.torch.kv_cache). mask: (T, S) or (B, 1, T, S)
         bool, True = may attend; None = causal. keep_weights: keep each block's attention weights
         in `block.attn.last_weights` (uses the plain-math attention path).
         """
@@ -92,7 +94,8 @@ class Transformer(nn.Module):
             x = x + self.sin_table[positions]
         return self.drop(x)
 
-    def rope(self, positions: torch.Tensor | None, T: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(self, positions: torch.Tensor | None, T: int,
+             device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos, sin for these positions: (T, hd), or (B, 1, T, hd) for per-row positions."""
         if self.config.positions != "rope":
             return None
@@ -150,8 +153,6 @@ def model_params(model: Transformer) -> dict:
 
 def model_from_params(config: ModelConfig, params: dict, device: str | torch.device = "cpu") -> Transformer:
     """Build a Transformer and load canonical params (numpy arrays or tensors) into it."""
-    from minillm.checkpoint import check_params
-
     check_params(config, params)
     model = Transformer(config)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
@@ -160,7 +161,5 @@ def model_from_params(config: ModelConfig, params: dict, device: str | torch.dev
 
 def load_model(run_dir, device: str | torch.device = "cpu"):
     """run directory -> (Transformer in eval mode, tokenizer or None)."""
-    from minillm.checkpoint import load_run
-
     config, tokenizer, params = load_run(run_dir)
     return model_from_params(config, params, device).eval(), tokenizer

@@ -1,0 +1,241 @@
+"""The packed model: the model's weights laid out for inference, the fast path generation runs on.
+
+Same mathematics as `Transformer.forward`, from the same functions of minillm.torch.layers
+(norms, RoPE, MLPs, attention; tests compare the two to 1e-5), on another layout of the weights:
+- Q, K and V are one fused matrix, SwiGLU's gate and up are one fused matrix, so each layer does
+  fewer, larger matrix products.
+- Two weight layouts, each the fastest for its way of running a decode step's matrix-vector
+  products. Eager: [in, out], applied with `addmm` (MKL streams this layout ~1.5x faster than
+  `F.linear` on [out, in]). Compiled ("row-dot" layout): [out, in], each product written as a
+  row-wise dot product that Inductor turns into one vectorised reduction streaming the weights
+  at ~40 GB/s, ~3x MKL's single-token `sgemv` here (BENCHMARKS.md). The tied head then is the
+  embedding table itself.
+- Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
+  most of a tiny model's decode step).
+- Keys/values are written into the caches at explicit slots (`index_copy_`) and attention runs
+  over the whole preallocated buffer under a mask, so a decode step has the same shapes every
+  time: exactly what `torch.compile` needs to compile it once.
+
+The packed weights share nothing with the model; `packed_copy(model)` keeps one copy per model
+and mode, and rebuilds it when the model's weights change (training, load_state_dict).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch.nn.functional as F
+
+import torch
+from minillm.torch import layers
+from torch import nn
+
+# model -> {compile: (fingerprint of its weights, PackedCopy)}
+_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# --- matrix products in the two layouts -----------------------------------------------------------
+def addmm_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Eager layout: x (N, in) times w (in, out) -> (N, out)."""
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+
+
+def row_dot_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Row-dot layout: x (N, in) times w (out, in) -> (N, out)."""
+    if x.size(0) == 1 and torch.compiler.is_compiling():
+        # One token: y[o] = sum_i w[o, i] x[i], written out so Inductor emits a single reduction
+        # loop over contiguous rows of w (no (1, out, in) temporary is ever materialised).
+        y = (x[:, None, :] * w).sum(-1)  # (1, out)
+        return y if b is None else y + b
+    return F.linear(x, w, b)
+
+
+def _fused(*linears: nn.Linear, row_dot: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate linear layers along their outputs: weight [out, in] (row_dot) or [in, out], bias (out,)."""
+    w = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (out, in)
+    w = w.contiguous() if row_dot else w.t().contiguous()
+    b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears]).contiguous()
+    return w, b
+
+
+def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+class PackedBlock(nn.Module):
+    """One Transformer block's weights, fused and laid out. Buffers, so compile can freeze them."""
+
+    def __init__(self, block, config, row_dot: bool = False):
+        super().__init__()
+        self.norm_kind, self.eps, self.mlp_kind = config.norm, config.norm_eps, config.mlp
+        for name in ("attn_norm", "mlp_norm"):
+            self.register_buffer(f"{name}_w", _copy(getattr(block, name).weight))
+            self.register_buffer(f"{name}_b", _copy(getattr(getattr(block, name), "bias", None)))
+        attn, mlp = block.attn, block.mlp
+        up = (mlp.gate, mlp.up) if config.mlp == "swiglu" else (mlp.up,)  # SwiGLU: [gate | up]
+        for name, (w, b) in {"qkv": _fused(attn.q, attn.k, attn.v, row_dot=row_dot),
+                             "o": _fused(attn.o, row_dot=row_dot), "up": _fused(*up, row_dot=row_dot),
+                             "down": _fused(mlp.down, row_dot=row_dot)}.items():
+            self.register_buffer(f"{name}_w", w)
+            self.register_buffer(f"{name}_b", b)
+
+    def norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        weight, bias = getattr(self, f"{which}_w"), getattr(self, f"{which}_b")
+        return layers.norm(x, self.norm_kind, weight, bias, self.eps)
+
+    def mlp(self, x: torch.Tensor, linear: layers.LinearFn) -> torch.Tensor:
+        """x (N, D) -> (N, D)."""
+        def up(h: torch.Tensor) -> torch.Tensor:
+            return linear(h, self.up_w, self.up_b)
+
+        def down(h: torch.Tensor) -> torch.Tensor:
+            return linear(h, self.down_w, self.down_b)
+
+        if self.mlp_kind == "swiglu":
+            return layers.swiglu(x, up, None, down)  # up_w holds [gate | up]
+        return layers.gelu_mlp(x, up, down, layers.GELU_APPROXIMATE[self.mlp_kind])
+
+
+class PackedModel(nn.Module):
+    """A Transformer's weights laid out for inference, and its cached forward pass.
+    row_dot: weights as [out, in], for a compiled decode step (see the module docstring)."""
+
+    def __init__(self, model, row_dot: bool = False):
+        super().__init__()
+        c = self.config = model.config
+        self.linear = row_dot_linear if row_dot else addmm_linear
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.register_buffer("tok_emb", _copy(model.tok_emb.weight))
+        # the additive position table, learned or sinusoidal (None with RoPE)
+        pos = model.pos_emb.weight if c.positions == "learned" else getattr(model, "sin_table", None)
+        self.register_buffer("pos_table", _copy(pos))
+        rope = c.positions == "rope"
+        self.register_buffer("rope_cos", _copy(model.rope_cos) if rope else None)
+        self.register_buffer("rope_sin", _copy(model.rope_sin) if rope else None)
+        self.blocks = nn.ModuleList(PackedBlock(b, c, row_dot) for b in model.blocks)
+        self.register_buffer("norm_w", _copy(model.norm.weight))
+        self.register_buffer("norm_b", _copy(getattr(model.norm, "bias", None)))
+        head = model.lm_head.weight.detach()  # (V, D)
+        tied = c.tie_embeddings and row_dot  # then the head is the embedding table itself
+        head_w = self.tok_emb if tied else head.clone() if row_dot else head.t().contiguous()
+        self.register_buffer("head_w", head_w)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True,
+                manual_attention: bool = False) -> torch.Tensor:
+        """One cached step over T new tokens per row (a prefill chunk, or T = 1: a decode step).
+
+        tokens, positions (B, T); slots (T,) cache slots the new keys/values go to; mask
+        (B, 1, T, S) over all S cache slots: bool (True = attend) or float added to the scores
+        (0 = attend, -inf = not); k_caches/v_caches: per layer (B, K, S, hd), written in place.
+        Returns logits (B, V) for the last token, or (B, T, V) when not last_only.
+        manual_attention: written-out softmax attention instead of SDPA (it fuses under compile).
+        """
+        B, T = tokens.shape
+        x = self.tok_emb[tokens]  # (B, T, D)
+        if self.pos_table is not None:
+            x = x + self.pos_table[positions]
+        rope = None
+        if self.rope_cos is not None:
+            rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B,1,T,hd)
+        bias = self.attention_bias(mask)  # (B, 1, G*T, S), computed once for all layers
+        x = x.view(B * T, -1)  # (N, D): every linear layer sees a plain matrix
+        for blk, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
+            x = x + self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, bias, k_cache, v_cache,
+                                   manual_attention)
+            x = x + blk.mlp(blk.norm(x, "mlp_norm"), self.linear)
+        if last_only:
+            x = x.view(B, T, -1)[:, -1]  # (B, D)
+        x = layers.norm(x, self.config.norm, self.norm_w, self.norm_b, self.config.norm_eps)
+        logits = self.linear(x, self.head_w, None)  # (N', V)
+        return logits if last_only else logits.view(B, T, -1)  # (B, V) or (B, T, V)
+
+    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, S) bool or float mask -> float bias (B, 1, G*T, S), one copy per query head
+        of a group (grouped-query attention folds a group's heads into the query axis)."""
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=self.tok_emb.dtype).masked_fill_(~mask, float("-inf"))
+        G = self.n_heads // self.n_kv_heads
+        if G == 1:
+            return mask
+        return mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * mask.size(2), -1)
+
+    def attention(self, blk: PackedBlock, x: torch.Tensor, B: int, T: int, rope, slots, bias,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  manual_attention: bool = False) -> torch.Tensor:
+        """x (N, D) -> (N, D): fused QKV, RoPE, cache write, grouped-query attention, output projection."""
+        H, K, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.linear(x, blk.qkv_w, blk.qkv_b)  # (N, (H + 2K) hd)
+        qkv = qkv.view(B, T, H + 2 * K, hd).transpose(1, 2)  # (B, H + 2K, T, hd)
+        qk, v = qkv[:, :H + K], qkv[:, H + K:]
+        if rope is not None:  # queries and keys are adjacent in the fused layout: rotate both at once
+            qk = layers.apply_rope(qk, *rope)
+        q, k = qk[:, :H], qk[:, H:]
+        k_cache.index_copy_(2, slots, k)  # (B, K, S, hd)
+        v_cache.index_copy_(2, slots, v)
+        # Grouped-query attention without copying K/V: query heads j*G .. j*G+G-1 share K/V head j,
+        # so fold each group into the query axis: (B, H, T, hd) -> (B, K, G*T, hd).
+        q = q.reshape(B, K, H // K * T, hd)
+        if manual_attention:
+            y = layers.attention_math(q, k_cache, v_cache, bias)[0]  # (B, K, G*T, hd)
+        else:
+            y = layers.sdpa(q, k_cache, v_cache, bias, 0.0, False)
+        y = y.view(B, H, T, hd).transpose(1, 2).reshape(B * T, H * hd)  # (N, D)
+        return self.linear(y, blk.o_w, blk.o_b)
+
+
+# --- one packed copy per model and mode, compiled on demand ----------------------------------------
+class PackedCopy:
+    """A model's PackedModel and, with compile=True, its torch.compile'd decode step.
+
+    The weight layout differs between the two modes (see the module docstring), so each mode
+    packs its own copy."""
+
+    def __init__(self, model, compile: bool = False):
+        self.model = PackedModel(model, row_dot=compile).eval()
+        self.compile = compile
+        self.compiled_decode_step = None
+
+    def __call__(self, *args, decode_step: bool = False) -> torch.Tensor:
+        """PackedModel.forward(*args); the compiled version for decode steps when compiling."""
+        if not (self.compile and decode_step):
+            return self.model(*args)
+        if self.compiled_decode_step is None:
+            self.compiled_decode_step = compile_decode_step(self.model)
+        return self.compiled_decode_step(*args)
+
+
+def compile_decode_step(packed: PackedModel, autotune: bool = True):
+    """torch.compile a decode step: one full graph, written-out attention (it fuses), and
+    matrix-vector products as row-wise reductions (row_dot_linear). For batched decoding
+    (several rows per product) max-autotune picks C++ micro-GEMMs over frozen, prepacked
+    weights (autotune=False skips that search: a quicker compile, for tests). Compiles on the
+    first call, and again for each new batch size / cache length."""
+    import torch._inductor.config as inductor_config
+
+    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else {}
+    compiled = torch.compile(packed, fullgraph=True, options=options)
+
+    def step(*args) -> torch.Tensor:
+        # Freezing is on for these calls only (it is not honoured as a compile option); left on
+        # globally it would also freeze any other graph compiled later without gradients.
+        before, inductor_config.freezing = inductor_config.freezing, True
+        try:
+            return compiled(*args, last_only=True, manual_attention=True)
+        finally:
+            inductor_config.freezing = before
+
+    return step
+
+
+def packed_copy(model, compile: bool = False) -> PackedCopy:
+    """The PackedCopy of `model` for this mode, rebuilt only when its weights changed (training,
+    load_state_dict)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = _COPIES.setdefault(model, {}).get(compile)
+    if cached is None or cached[0] != fingerprint:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (fingerprint, PackedCopy(model, compile))
+        _COPIES[model][compile] = cached
+    return cached[1]
