@@ -51,8 +51,9 @@ def hf_runner(hf_model, prompt: list[int], new_tokens: int):
     import transformers
 
     ids = torch.tensor([prompt])
-    config = transformers.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                           pad_token_id=0, eos_token_id=None, bos_token_id=None, use_cache=True)
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           do_sample=False, pad_token_id=0, eos_token_id=None,
+                                           bos_token_id=None, use_cache=True)
 
     def run() -> list[int]:
         with torch.inference_mode():
@@ -70,7 +71,8 @@ def bench_model(name: str, args) -> dict:
                 "minillm eager": lambda: generate(model, prompt, args.new_tokens, temperature=0)}
     compile_s = None
     if not args.no_compile:
-        variants["minillm compiled"] = lambda: generate(model, prompt, args.new_tokens, temperature=0, compile=True)
+        variants["minillm compiled"] = lambda: generate(model, prompt, args.new_tokens, temperature=0,
+                                                        compile=True)
         t0 = time.perf_counter()
         variants["minillm compiled"]()  # compiles
         compile_s = time.perf_counter() - t0
@@ -86,7 +88,8 @@ def bench_model(name: str, args) -> dict:
     tps = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
     row = {"model": name, "params": model.num_parameters(), "tokens_per_s": tps,
            "spread": {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()},
-           "same_tokens_as_hf": {k: outputs[k] == outputs["transformers"] for k in variants if k != "transformers"},
+           "same_tokens_as_hf": {k: outputs[k] == outputs["transformers"]
+                                 for k in variants if k != "transformers"},
            "compile_s": compile_s, "bandwidth_gb_s": statistics.median(bandwidth),
            "weight_bytes_per_token": 4 * model.num_parameters(exclude_embeddings=True)}
     return row
@@ -99,18 +102,20 @@ def report(rows: list[dict], args) -> None:
           f"load average {os.getloadavg()[0]:.1f} at the end (other processes share these cores)")
     print(f"batch 1, fp32, greedy, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
           f"median of {args.runs} rounds\n")
-    print("| model | params | transformers tok/s | minillm eager tok/s (x HF) | minillm compiled tok/s (x HF) "
-          "| bandwidth bound tok/s | compiled % of bound | same tokens | compile s |")
+    print("| model | params | transformers tok/s | minillm eager tok/s (x HF) "
+          "| minillm compiled tok/s (x HF) | bandwidth bound tok/s | compiled % of bound | same tokens "
+          "| compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, hf = r["tokens_per_s"], r["tokens_per_s"]["transformers"]
         bound = r["bandwidth_gb_s"] * 1e9 / r["weight_bytes_per_token"]
-        cells = [f"{t[k]:,.0f} ({t[k] / hf:.2f}x)" if k in t else "-" for k in ("minillm eager", "minillm compiled")]
+        cells = [f"{t[k]:,.0f} ({t[k] / hf:.2f}x)" if k in t else "-"
+                 for k in ("minillm eager", "minillm compiled")]
         best = t.get("minillm compiled", t["minillm eager"])
         same = "yes" if all(r["same_tokens_as_hf"].values()) else str(r["same_tokens_as_hf"])
         compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] else "-"
-        print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {hf:,.1f} | {cells[0]} | {cells[1]} | {bound:,.0f} "
-              f"| {100 * best / bound:.0f}% | {same} | {compile_s} |")
+        print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {hf:,.1f} | {cells[0]} | {cells[1]} "
+              f"| {bound:,.0f} | {100 * best / bound:.0f}% | {same} | {compile_s} |")
     print("\n" + json.dumps({"rows": rows}, default=float))
 
 
@@ -128,7 +133,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows.append(bench_model(name, args))
-        print(f"{name}: " + ", ".join(f"{k} {v:,.1f} tok/s" for k, v in rows[-1]["tokens_per_s"].items()), flush=True)
+        speeds = ", ".join(f"{k} {v:,.1f} tok/s" for k, v in rows[-1]["tokens_per_s"].items())
+        print(f"{name}: {speeds}", flush=True)
     report(rows, args)
 
 

@@ -43,7 +43,8 @@ def test_any_chunking_equals_full_decode(text: str, cuts: list[int]) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(ids=st.lists(st.integers(0, bpe.vocab_size - 1), max_size=30), cuts=st.lists(st.integers(0, 100), max_size=5))
+@given(ids=st.lists(st.integers(0, bpe.vocab_size - 1), max_size=30),
+       cuts=st.lists(st.integers(0, 100), max_size=5))
 def test_invalid_utf8_streams_like_full_decode(ids: list[int], cuts: list[int]) -> None:
     # Arbitrary ids can form invalid UTF-8; streaming must still agree with decode's U+FFFD.
     assert stream(bpe, ids, cuts)[0] == bpe.decode(ids)

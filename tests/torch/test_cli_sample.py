@@ -21,7 +21,8 @@ def run_dir(tmp_path_factory):
     from minillm.tokenizer.char import CharTokenizer
 
     tok = CharTokenizer().train(TEXT)
-    config = ModelConfig(vocab_size=tok.vocab_size + 3, max_seq_len=64, d_model=32, n_layers=2, n_heads=4)  # padded
+    config = ModelConfig(vocab_size=tok.vocab_size + 3,  # padded beyond the tokenizer's vocabulary
+                         max_seq_len=64, d_model=32, n_layers=2, n_heads=4)
     torch.manual_seed(0)
     model = Transformer(config)
     with torch.no_grad():
@@ -60,15 +61,16 @@ def test_sample_beam_search_and_stop_string(run_dir, capsys):
     code, out, _ = _run(capsys, "sample", "--run", run_dir, "--prompt", "the", "--max-new-tokens", "10",
                         "--num-beams", "3")
     assert code == 0 and out.startswith("the")
-    free = _run(capsys, "sample", "--run", run_dir, "--prompt", "the", "--max-new-tokens", "30", "--temperature", "0")[1]
+    greedy = ["sample", "--run", run_dir, "--prompt", "the", "--max-new-tokens", "30", "--temperature", "0"]
+    free = _run(capsys, *greedy)[1]
     stop = free[8:10]
-    cut = _run(capsys, "sample", "--run", run_dir, "--prompt", "the", "--max-new-tokens", "30", "--temperature", "0",
-               "--stop", stop)[1]
+    cut = _run(capsys, *greedy, "--stop", stop)[1]
     assert cut.rstrip("\n") == free[: free.index(stop, 3)]
 
 
 def test_sample_context_overflow_is_a_clear_error_unless_sliding(run_dir, capsys):
-    args = ["sample", "--run", run_dir, "--prompt", "hello world. " * 4, "--max-new-tokens", "30", "--temperature", "0"]
+    args = ["sample", "--run", run_dir, "--prompt", "hello world. " * 4, "--max-new-tokens", "30",
+            "--temperature", "0"]
     code, _, err = _run(capsys, *args)
     assert code == 2 and "max_seq_len" in err and "Traceback" not in err
     code, out, _ = _run(capsys, *args, "--sliding-window")

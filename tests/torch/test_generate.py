@@ -1,10 +1,14 @@
 """KV-cached generation: cached logits == full forward, batching, seeds, stops, streaming, overflow."""
 
+import functools
+
 import pytest
 
 import torch
-from minillm.torch.generate import Sequences, generate, generate_stream, get_decoder, stream_text
-from minillm.torch.kv_cache import KVCache, make_caches
+from minillm.torch import packed
+from minillm.torch.generate import generate, generate_stream, stream_text
+from minillm.torch.kv_cache import BatchCache, KVCache, make_caches
+from minillm.torch.packed import packed_copy
 from tests.conftest import STYLES, make_model, random_prompt
 
 
@@ -12,30 +16,38 @@ from tests.conftest import STYLES, make_model, random_prompt
 def _trace_compiled_step_eagerly(monkeypatch) -> None:
     """Run what compile=True compiles, without compiling: the [out, in] weights, the row-dot
     products that only run under torch.compile, and the written-out attention."""
-    from minillm.torch import generate as gen
-
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(gen, "compile_decoder",
-                        lambda packed: lambda *args: packed(*args, last_only=True, manual_attention=True))
-    gen._PACKED.clear()
+    monkeypatch.setattr(packed, "compile_decode_step",
+                        lambda model: lambda *args: model(*args, last_only=True, manual_attention=True))
+
+
+def _random_biases_and_gains(model, seed: int = 0):
+    """Init leaves biases at 0 and norm gains at 1, where a dropped or misplaced bias or gain
+    changes nothing: move every vector parameter so that the packed copies of them count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return model
 
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("chunk", [None, 1, 3])
-@pytest.mark.parametrize("compiled_layout", [False, True])
-def test_packed_cache_logits_equal_full_forward(style, chunk, compiled_layout, monkeypatch):
+@pytest.mark.parametrize("row_dot", [False, True])
+def test_packed_cache_logits_equal_full_forward(style, chunk, row_dot, monkeypatch):
     """Every decode step's logits (and a chunked prefill's) equal the full uncached forward,
     for both packings: eager ([in, out], addmm) and the compiled step's ([out, in], row dots)."""
-    if compiled_layout:
+    if row_dot:
         _trace_compiled_step_eagerly(monkeypatch)
-    model = make_model(style, scale=3.0)  # large enough that a wrong formula shows above 1e-5
+    model = _random_biases_and_gains(make_model(style, scale=3.0))  # a wrong formula shows above 1e-5
     tokens = random_prompt(30, seed=1)
     with torch.inference_mode():
         full = model(torch.tensor([tokens]))[0]  # (T, V)
-        seqs = Sequences(get_decoder(model, compile=compiled_layout), 30, 61)
-        got = [seqs.prefill([tokens[:10]], chunk)]
+        cache = BatchCache(packed_copy(model, compile=row_dot), 30, 61)
+        got = [cache.prefill([tokens[:10]], chunk)]
         for t in tokens[10:]:
-            got.append(seqs.decode(torch.tensor([t])))
+            got.append(cache.decode(torch.tensor([t])))
     got = torch.cat(got)  # (21, V): predictions after 10, 11, ... 30 tokens
     assert (got - full[9:]).abs().max().item() <= 1e-5
 
@@ -51,7 +63,8 @@ def test_module_kv_cache_logits_equal_full_forward(style, chunks):
         full = model(tokens)
         start, parts = 0, []
         for n in chunks:
-            parts.append(model(tokens[:, start:start + n], positions=torch.arange(start, start + n), kv_caches=caches))
+            positions = torch.arange(start, start + n)
+            parts.append(model(tokens[:, start:start + n], positions=positions, kv_caches=caches))
             start += n
     assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5
     assert caches[0].k.shape == (1, model.config.n_kv_heads, 30, model.config.head_dim)  # GQA-sized
@@ -177,7 +190,7 @@ def test_sliding_window_conditions_on_the_last_max_seq_len_tokens(style):
     assert out == seq[len(prompt):]
 
 
-def test_decoder_is_rebuilt_when_weights_change():
+def test_packed_copy_is_rebuilt_when_weights_change():
     model = make_model("gpt2")
     before = generate(model, [1, 2], 10, temperature=0)
     with torch.no_grad():
@@ -188,13 +201,34 @@ def test_decoder_is_rebuilt_when_weights_change():
         assert after == model(torch.tensor([[1, 2] + after]))[0, 1:-1].argmax(-1).tolist()
 
 
+def test_compiled_decode_step_matches_full_forward(monkeypatch):
+    """The default suite's torch.compile check: a tiny model's batch-1 decode steps, really
+    compiled (row dots, frozen weights, written-out attention), give the full forward's logits
+    and eager generate's tokens. Random biases on, so the row-dot products' bias term counts. Only the
+    autotuning search is skipped (minutes); the slow test below runs it, batched too."""
+    quick = functools.partial(packed.compile_decode_step, autotune=False)
+    monkeypatch.setattr(packed, "compile_decode_step", quick)
+    model = _random_biases_and_gains(make_model("llama-gqa", bias=True, scale=3.0))
+    tokens = random_prompt(20, seed=3)
+    with torch.inference_mode():
+        full = model(torch.tensor([tokens]))[0]  # (T, V)
+        cache = BatchCache(packed_copy(model, compile=True), 20, 61)
+        got = [cache.prefill([tokens[:8]])] + [cache.decode(torch.tensor([t])) for t in tokens[8:]]
+    assert (torch.cat(got) - full[7:]).abs().max().item() <= 1e-4
+    eager = generate(model, tokens[:8], 12, temperature=0)  # the same 20 slots: no recompile
+    assert generate(model, tokens[:8], 12, temperature=0, compile=True) == eager
+
+
 @pytest.mark.slow
 def test_compiled_decode_matches_eager_and_follows_weight_changes():
-    """torch.compile'd decode steps (frozen weights) give the eager tokens, also after the weights change."""
+    """torch.compile'd decode steps (frozen weights, autotuned GEMMs) give the eager tokens, also
+    after the weights change."""
     for style in ("gpt2", "llama-gqa"):
         model = make_model(style)
         for prompts in ([[1, 2, 3], [4, 5]], [1, 2, 3]):  # batched (micro-GEMMs) and batch 1 (row dots)
-            assert generate(model, prompts, 12, temperature=0, compile=True) == generate(model, prompts, 12, temperature=0)
+            eager = generate(model, prompts, 12, temperature=0)
+            assert generate(model, prompts, 12, temperature=0, compile=True) == eager
         with torch.no_grad():
             model.norm.weight.mul_(-1.0)
-        assert generate(model, prompts, 12, temperature=0, compile=True) == generate(model, prompts, 12, temperature=0)
+        eager = generate(model, prompts, 12, temperature=0)
+        assert generate(model, prompts, 12, temperature=0, compile=True) == eager

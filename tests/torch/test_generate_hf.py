@@ -19,7 +19,8 @@ def hf_generate(hf_model, prompt: list[int], eos: int | None = None, **settings)
         no_repeat_ngram_size=0, num_return_sequences=1, use_cache=True, **settings,
     )
     ids = torch.tensor([prompt])  # an explicit mask: transformers would take id 0 (= pad) for padding
-    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)[0, len(prompt):].tolist()
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    out = out[0, len(prompt):].tolist()
     if eos is not None and eos in out:  # transformers pads after eos; we stop there
         out = out[: out.index(eos) + 1]
     return out
@@ -43,7 +44,8 @@ def test_greedy_with_repetition_penalty_and_eos_matches_transformers(style):
     eos = free[20]
     ours = generate(model, prompt, 40, temperature=0, repetition_penalty=1.5, stop_token_ids=[eos])
     assert ours[-1] == eos
-    assert ours == hf_generate(hf, prompt, eos=eos, max_new_tokens=40, do_sample=False, repetition_penalty=1.5)
+    assert ours == hf_generate(hf, prompt, eos=eos, max_new_tokens=40, do_sample=False,
+                               repetition_penalty=1.5)
 
 
 def _beam_cases():
@@ -59,8 +61,8 @@ def test_beam_search_matches_transformers(style, early_stopping, length_penalty)
     hf, prompt = to_transformers(model), random_prompt(7, seed=4)
     greedy = generate(model, prompt, 30, temperature=0)
     for eos in (None, greedy[3]):  # no eos: every beam runs to the length limit; eos: beams end early
-        ours = generate(model, prompt, 30, num_beams=4, length_penalty=length_penalty, early_stopping=early_stopping,
-                        stop_token_ids=[] if eos is None else [eos])
+        ours = generate(model, prompt, 30, num_beams=4, length_penalty=length_penalty,
+                        early_stopping=early_stopping, stop_token_ids=[] if eos is None else [eos])
         theirs = hf_generate(hf, prompt, eos=eos, max_new_tokens=30, do_sample=False, num_beams=4,
                              length_penalty=length_penalty, early_stopping=early_stopping)
         assert ours == theirs, (eos, ours, theirs)

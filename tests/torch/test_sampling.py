@@ -1,4 +1,9 @@
-"""Logits filters against transformers' logits processors and float64 references; the draw."""
+"""Logits filters against transformers' logits processors and float64 references; the draw.
+
+Only the tests that compare with transformers take the `lp` fixture, and only they skip when
+transformers is missing."""
+
+import math
 
 import pytest
 
@@ -14,8 +19,14 @@ from minillm.torch.sampling import (
     top_p_filter,
 )
 
-transformers = pytest.importorskip("transformers")
-from transformers.generation import logits_process as lp  # noqa: E402
+
+@pytest.fixture
+def lp():
+    """transformers' logits processors (the test skips without transformers)."""
+    pytest.importorskip("transformers")
+    from transformers.generation import logits_process
+
+    return logits_process
 
 
 def _logits(seed: int, B: int = 4, V: int = 97, scale: float = 3.0) -> torch.Tensor:
@@ -31,28 +42,28 @@ def _same_support(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("k", [1, 5, 40, 97, 200])
-def test_top_k_matches_transformers(seed, k):
+def test_top_k_matches_transformers(seed, k, lp):
     x = _logits(seed)
     _same_support(top_k_filter(x, k), lp.TopKLogitsWarper(top_k=k)(None, x.clone()))
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 0.99])
-def test_top_p_matches_transformers(seed, p):
+def test_top_p_matches_transformers(seed, p, lp):
     x = _logits(seed).double()  # float64: the cumulative sums of both orders agree at the boundary
     _same_support(top_p_filter(x, p), lp.TopPLogitsWarper(top_p=p)(None, x.clone()))
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 1.0])
-def test_min_p_matches_transformers(seed, min_p):
+def test_min_p_matches_transformers(seed, min_p, lp):
     x = _logits(seed)
     _same_support(min_p_filter(x, min_p), lp.MinPLogitsWarper(min_p=min_p)(None, x.clone()))
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
-def test_repetition_penalty_matches_transformers(seed, penalty):
+def test_repetition_penalty_matches_transformers(seed, penalty, lp):
     x = _logits(seed)
     g = torch.Generator().manual_seed(100 + seed)
     context = torch.randint(0, x.size(1), (x.size(0), 12), generator=g)
@@ -61,7 +72,7 @@ def test_repetition_penalty_matches_transformers(seed, penalty):
     torch.testing.assert_close(apply_repetition_penalty(x, seen, penalty), theirs, atol=0, rtol=0)
 
 
-def test_full_chain_matches_transformers_chain():
+def test_full_chain_matches_transformers_chain(lp):
     x = _logits(7)
     context = torch.randint(0, x.size(1), (x.size(0), 8), generator=torch.Generator().manual_seed(3))
     seen = torch.zeros_like(x, dtype=torch.bool).scatter(1, context, True)
@@ -89,6 +100,22 @@ def test_top_p_float64_reference():
             break
     kept = set(torch.nonzero(~torch.isinf(top_p_filter(x, p)[0])).flatten().tolist())
     assert kept == keep
+
+
+# Probabilities exact in binary, listed out of order: softmax and cumsum compute them exactly
+# (float32), so the mass before each token, 0 / 0.5 / 0.75 / 0.875 / 0.9375, hits p exactly.
+EXACT_PROBS = [0.125, 0.5, 0.0625, 0.25, 0.0625]
+
+
+@pytest.mark.parametrize("p, kept", [(0.5, {1}), (0.75, {1, 3}), (0.875, {1, 3, 0}), (0.95, {1, 3, 0, 2, 4}),
+                                     (0.25, {1})])
+def test_top_p_keeps_nothing_past_mass_exactly_p(p, kept):
+    """A token whose more likely predecessors reach exactly p is dropped: the nucleus is the
+    smallest set with mass >= p (Holtzman et al. 2020), so at p = 0.75 the 0.5 and 0.25 tokens."""
+    logits = torch.tensor([[math.log(q) for q in EXACT_PROBS]])
+    probs = torch.softmax(logits, dim=-1)
+    assert torch.equal(probs, torch.tensor([EXACT_PROBS]))  # the premise: exact in float32
+    assert set(torch.nonzero(~torch.isinf(top_p_filter(logits, p)[0])).flatten().tolist()) == kept
 
 
 def test_mask_padded_vocab_never_samples_padding():

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs
-from minillm.tokenizer.stream import special_ids
+from minillm.tokenizer.stream import special_ids, text_pieces
 
 HELP = "commands: /reset forgets the conversation, /exit quits (so does Ctrl-D)"
 
@@ -42,7 +42,9 @@ class Conversation:
         if not text:
             return []
         system_id = special_ids(self.tokenizer, "system")
-        return system_id + self.tokenizer.encode(text) if self.chat_tokens and system_id else self.tokenizer.encode(text + "\n")
+        if self.chat_tokens and system_id:
+            return system_id + self.tokenizer.encode(text)
+        return self.tokenizer.encode(text + "\n")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -110,14 +112,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"(cannot encode that: {e})")
             continue
         seed = None if args.seed is None else args.seed + turn
-        conv.add_reply(*_stream_reply(generate_stream(model, ids, reply_budget, seed=seed, **kwargs), tokenizer, kwargs))
+        tokens = generate_stream(model, ids, reply_budget, seed=seed, **kwargs)
+        conv.add_reply(*_stream_reply(tokens, tokenizer, kwargs))
         turn += 1
 
 
 def _stream_reply(tokens, tokenizer, kwargs: dict) -> tuple[list[int], str]:
     """Print a reply as it is generated (without stop tokens or stop strings); return ids and text."""
-    from minillm.tokenizer.stream import text_pieces
-
     ids: list[int] = []
 
     def recorded():

@@ -14,14 +14,19 @@ def register(sub) -> None:
         "sample", help="generate text from a trained model",
         description="Continue a prompt with the model of a run directory (KV-cached decoding). "
                     "Sampling: temperature, top-k, top-p, min-p, repetition penalty; or beam search.",
-        epilog='example: minillm sample --run runs/shakespeare-char --prompt "ROMEO:" --num-samples 3 --seed 1')
+        epilog='example: minillm sample --run runs/shakespeare-char --prompt "ROMEO:" '
+               '--num-samples 3 --seed 1')
     p.add_argument("--prompt", default="", help="text to continue (default: start from the bos token)")
     p.add_argument("--prompt-file", help="read the prompt from this file instead")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples, generated as one batch")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (deterministic)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 0 favours longer outputs")
-    p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample at a time)")
-    p.add_argument("--backend", choices=("torch", "jax"), default="torch", help="framework that runs the model")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (deterministic)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: > 0 favours longer outputs")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is generated (one sample at a time)")
+    p.add_argument("--backend", choices=("torch", "jax"), default="torch",
+                   help="framework that runs the model")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     # All samples as one batch; row i is seeded with seed + i (so --stream gives the same text).
     seeds = None if args.seed is None else [args.seed + i for i in range(args.num_samples)]
-    outs = generate(model, [ids] * args.num_samples, args.max_new_tokens, seed=seeds, tokenizer=tokenizer, **kwargs)
+    outs = generate(model, [ids] * args.num_samples, args.max_new_tokens, seed=seeds, tokenizer=tokenizer,
+                    **kwargs)
     print("\n---------------\n".join(text + _text(tokenizer, out, kwargs) for out in outs))
     return 0
 
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_jax(args: argparse.Namespace, text: str) -> int:
     """The same sampler in JAX (minillm.jax.generate), for the options it supports."""
     if args.min_p or args.repetition_penalty or args.num_beams > 1 or args.sliding_window or args.stream:
-        raise ValueError("--backend jax supports --temperature, --top-k, --top-p, --stop, --seed, --num-samples")
+        raise ValueError("--backend jax supports --temperature, --top-k, --top-p, --stop, --seed, "
+                         "--num-samples")
     from minillm.jax.generate import sample_texts
 
     outs = sample_texts(args.run, text, args.num_samples, args.max_new_tokens, temperature=args.temperature,
@@ -81,8 +88,9 @@ def _one_sample(args, model, tokenizer, ids: list[int], kwargs: dict, i: int):
     from minillm.torch.generate import generate, stream_text
 
     if args.num_beams > 1:
-        out = generate(model, ids, args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                       stop_token_ids=kwargs["stop_token_ids"], vocab_size=kwargs.get("vocab_size"))
+        out = generate(model, ids, args.max_new_tokens, num_beams=args.num_beams,
+                       length_penalty=args.length_penalty, stop_token_ids=kwargs["stop_token_ids"],
+                       vocab_size=kwargs.get("vocab_size"))
         return [_text(tokenizer, out, kwargs)]
     seed = None if args.seed is None else args.seed + i
     return stream_text(model, tokenizer, ids, args.max_new_tokens, seed=seed, **kwargs)

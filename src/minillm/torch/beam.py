@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from minillm.torch.generate import Sequences, _cache_length, get_decoder
+from minillm.torch.kv_cache import BatchCache, cache_length
+from minillm.torch.packed import packed_copy
 from minillm.torch.sampling import mask_padded_vocab
 
 IMPOSSIBLE = -1.0e9  # the score of a hypothesis that must not be chosen
@@ -61,9 +62,9 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError("num_beams and max_new_tokens must be >= 1")
     N, eos = num_beams, torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
-    seqs = Sequences(get_decoder(model), _cache_length(model, [list(prompt)], max_new_tokens, "error"),
-                     model.config.vocab_size)
-    logits = seqs.prefill([list(prompt)] * N)  # (N, V), every row the same prompt
+    slots = cache_length(model.config.max_seq_len, [list(prompt)], max_new_tokens, "error")
+    cache = BatchCache(packed_copy(model), slots, model.config.vocab_size)
+    logits = cache.prefill([list(prompt)] * N)  # (N, V), every row the same prompt
     n_candidates = max(2, 1 + len(eos)) * N
     running = torch.full((N,), IMPOSSIBLE)
     running[0] = 0.0  # all beams start identical: extend only the first, or they would repeat it
@@ -86,6 +87,6 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
             can_improve = can_improve and running[0].item() / best_length ** length_penalty > finished.worst()
         if not can_improve or (finished.full and early_stopping is True) or bool(ends.all()):
             break
-        seqs.reorder(rows)
-        logits = seqs.decode(tokens)
+        cache.reorder(rows)
+        logits = cache.decode(tokens)
     return finished.items[0][1]

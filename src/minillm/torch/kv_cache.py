@@ -4,6 +4,13 @@ During generation token t attends to the keys and values of tokens 0..t. They do
 computed (causal attention), so each layer stores them instead of recomputing the whole prefix:
 one forward pass per new token instead of one per prefix.
 
+- `KVCache`: one layer's keys and values, the protocol `Transformer.forward` reads and extends.
+- `BatchCache`: what `minillm sample` runs on: the caches of a batch of rows being generated
+  together, with which slots hold real tokens, each slot's position and the attention masks;
+  `prefill` fills it with the prompts, `decode` appends one token per row (minillm.torch.packed
+  computes both).
+- `cache_length`: how many slots a generation needs (or a clear error past max_seq_len).
+
 One `KVCache` per layer, preallocated to the longest sequence this generation will need
 (prompt + max_new_tokens, not the model's whole context). It stores n_kv_heads heads, not
 n_heads: with grouped-query attention the cache is n_heads / n_kv_heads times smaller, which is
@@ -13,7 +20,10 @@ writes each in place; one shared buffer gets copied whole every step).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+from minillm.torch.packed import PackedCopy
 
 
 class KVCache:
@@ -21,7 +31,7 @@ class KVCache:
 
     `update(k, v)` appends a block of new keys/values and returns everything cached so far: the
     protocol `Attention.forward` uses, so `model(tokens, positions, kv_caches=[...])` decodes.
-    The fast decoder (minillm.torch.decode) writes the buffers at explicit slots instead.
+    The packed model (minillm.torch.packed) writes the buffers at explicit slots instead.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -59,3 +69,89 @@ def make_caches(config, batch: int, max_len: int, dtype: torch.dtype = torch.flo
     """One KVCache per layer of a model with this ModelConfig."""
     return [KVCache(batch, config.n_kv_heads, max_len, config.head_dim, dtype, device)
             for _ in range(config.n_layers)]
+
+
+def cache_length(max_seq_len: int, prompts: list[list[int]], max_new_tokens: int,
+                 context_overflow: str) -> int:
+    """Cache slots needed; a clear error (or a sliding window when asked) past max_seq_len."""
+    if context_overflow not in ("error", "slide"):
+        raise ValueError(f"context_overflow must be 'error' or 'slide', got {context_overflow!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens <= max_seq_len:
+        return longest + max_new_tokens
+    if context_overflow == "error":
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"max_seq_len={max_seq_len}; shorten the prompt, ask for fewer tokens, or use a sliding window "
+            f"(context_overflow='slide' / --sliding-window)"
+        )
+    return max_seq_len
+
+
+class BatchCache:
+    """The cache state of B rows generated together: per-layer K/V buffers of max_len slots,
+    which slots hold real tokens (`valid`), each slot's position, and the decode step's mask.
+
+    Row b is left-padded by pad[b] slots, which no query ever attends to, and its positions
+    count from its first real token, so it computes exactly what it would compute alone.
+    `seen` (with track_seen) marks the tokens of each row's context, for the repetition penalty.
+    """
+
+    def __init__(self, packed: PackedCopy, max_len: int, vocab_size: int, track_seen: bool = False):
+        self.packed, self.max_len, self.vocab_size = packed, max_len, vocab_size
+        self.track_seen = track_seen
+        self.seen: torch.Tensor | None = None  # (B, V) bool, with track_seen
+        self.slots = torch.arange(max_len)  # (S,)
+
+    def prefill(self, prompts: Sequence[list[int]], chunk_size: int | None = None) -> torch.Tensor:
+        """(Re)start the caches with these prompts, left-padded. Returns next logits (B, V)."""
+        B, L = len(prompts), max(len(p) for p in prompts)
+        caches = make_caches(self.packed.model.config, B, self.max_len)
+        self.k_caches, self.v_caches = [c.k for c in caches], [c.v for c in caches]
+        pad = torch.tensor([L - len(p) for p in prompts])  # (B,)
+        tokens = torch.tensor([[0] * (L - len(p)) + p for p in prompts])  # (B, L)
+        self.valid = self.slots[None, :] >= pad[:, None]  # (B, S): not a pad slot
+        self.positions = (self.slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) position per slot
+        if self.track_seen:
+            self.seen = torch.zeros(B, self.vocab_size, dtype=torch.bool)
+            for b, p in enumerate(prompts):
+                self.seen[b, p] = True
+        step = chunk_size or L
+        for start in range(0, L, step):  # the prompt in chunks of `step` tokens
+            end = min(start + step, L)
+            causal = self.slots[None, :] <= self.slots[start:end, None]  # (T, S), bottom-right aligned
+            mask = (self.valid[:, None, :] & causal).unsqueeze(1)  # (B, 1, T, S)
+            logits = self.packed(tokens[:, start:end], self.positions[:, start:end], self.slots[start:end],
+                                 mask, self.k_caches, self.v_caches)
+        self.length = L
+        # (B, 1, 1, S) attention bias of a decode step: 0 on real tokens so far, -inf elsewhere
+        attend = (self.valid & (self.slots < L))[:, None, None]
+        self.bias = torch.zeros(B, 1, 1, self.max_len).masked_fill_(~attend, float("-inf"))
+        return logits
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decode step: append one token per row, tokens (B,). Returns next logits (B, V)."""
+        s = self.length
+        if self.track_seen:
+            self.seen[torch.arange(len(tokens)), tokens] = True
+        self.bias[..., s] = 0.0  # slot s now holds a real token of every row
+        logits = self.packed(tokens[:, None], self.positions[:, s:s + 1], self.slots[s:s + 1], self.bias,
+                             self.k_caches, self.v_caches, decode_step=True)
+        self.length = s + 1
+        return logits
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (B',) in that order (beam search: the hypotheses that survive a step)."""
+        self.k_caches = [k.index_select(0, rows) for k in self.k_caches]
+        self.v_caches = [v.index_select(0, rows) for v in self.v_caches]
+        self.valid, self.positions, self.bias = self.valid[rows], self.positions[rows], self.bias[rows]
+        if self.track_seen:
+            self.seen = self.seen[rows]
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.max_len

@@ -95,7 +95,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
-def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig,
+                   seen: torch.Tensor | None = None) -> torch.Tensor:
     """All filters of `cfg` in order, on float32 logits (B, V). `seen` is needed for the penalty."""
     logits = logits.float()
     if cfg.repetition_penalty not in (None, 1.0) and seen is not None:
