@@ -71,14 +71,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_jax(args: argparse.Namespace, text: str) -> int:
-    """The same sampler in JAX (minillm.jax.generate), for the options it supports."""
-    if args.min_p or args.repetition_penalty or args.num_beams > 1 or args.sliding_window or args.stream:
-        raise ValueError("--backend jax supports --temperature, --top-k, --top-p, --stop, --seed, "
-                         "--num-samples")
+    """The same sampler in JAX (minillm.jax.generate): every option but --stream and --compile."""
+    if args.stream or args.compile:
+        raise ValueError("--backend jax has no --stream or --compile (its decode step is always jitted)")
     from minillm.jax.generate import sample_texts
 
     outs = sample_texts(args.run, text, args.num_samples, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
+                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+                        length_penalty=args.length_penalty, seed=args.seed, stop_strings=args.stop,
+                        context_overflow="slide" if args.sliding_window else "error")
     print("\n---------------\n".join(text + out for out in outs))
     return 0
 
