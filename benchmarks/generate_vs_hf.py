@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+
 from minillm.config import ModelConfig
 from minillm.interop.hf import to_transformers
 from minillm.torch.generate import generate

@@ -70,6 +70,7 @@ def make_model(style: str, seed: int = 0, scale: float = 5.0, **overrides):
     """A random model whose matrices are scaled up so that next-token distributions are peaked
     (random init gives near-ties that any rounding difference could flip)."""
     import torch
+
     from minillm.config import ModelConfig
     from minillm.torch.model import Transformer
 
@@ -92,6 +93,7 @@ def perturbed_torch_model(config, scale: float = 0.1, seed: int = 0):
     """A PyTorch model whose every parameter (gains and biases too) is moved away from its init,
     so parity tests exercise every tensor; larger scales make greedy paths less trivial."""
     import torch
+
     from minillm.torch.model import Transformer
 
     torch.manual_seed(seed)

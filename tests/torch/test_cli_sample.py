@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
 import torch
+
 from minillm.checkpoint import save_run
 from minillm.cli import main
 from minillm.config import ModelConfig

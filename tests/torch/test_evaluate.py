@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-
 import torch
+
 from minillm.torch.evaluate import perplexity
 from tests.conftest import make_model
 

@@ -3,8 +3,8 @@
 import functools
 
 import pytest
-
 import torch
+
 from minillm.torch import packed
 from minillm.torch.generate import generate, generate_stream, stream_text
 from minillm.torch.kv_cache import BatchCache, KVCache, make_caches

@@ -1,8 +1,8 @@
 """Token-for-token parity with transformers' generate on the same weights (hf.to_transformers)."""
 
 import pytest
-
 import torch
+
 from minillm.torch.generate import generate
 from tests.conftest import make_model, random_prompt
 

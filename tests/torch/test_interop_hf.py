@@ -1,8 +1,8 @@
 """Whole-model parity with Hugging Face transformers on the same random weights."""
 
 import pytest
-
 import torch
+
 from minillm.config import ModelConfig
 from minillm.interop import hf
 from minillm.torch.model import Transformer

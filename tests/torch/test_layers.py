@@ -3,9 +3,9 @@
 import math
 
 import pytest
+import torch
 import torch.nn.functional as F
 
-import torch
 from minillm.config import ModelConfig
 from minillm.torch import layers
 

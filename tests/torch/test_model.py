@@ -1,8 +1,8 @@
 """The whole model: canonical names, causality, tied weights, parameter/FLOP counts, gradients."""
 
 import pytest
-
 import torch
+
 from minillm.config import ModelConfig
 from minillm.torch.model import Transformer, next_token_loss
 

@@ -6,8 +6,8 @@ transformers is missing."""
 import math
 
 import pytest
-
 import torch
+
 from minillm.torch.sampling import (
     SamplingConfig,
     apply_repetition_penalty,

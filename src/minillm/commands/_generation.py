@@ -35,6 +35,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8,
 def load_for_generation(args: argparse.Namespace):
     """(model in eval mode, tokenizer) from --run; a clear error when the run has no tokenizer."""
     import torch
+
     from minillm.torch.model import load_model
 
     if args.threads:

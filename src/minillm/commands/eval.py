@@ -32,6 +32,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from minillm.torch.evaluate import perplexity
     from minillm.torch.model import load_model
 

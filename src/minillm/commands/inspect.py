@@ -36,6 +36,7 @@ def memory_estimate(model, train) -> list[str]:
     """Parameter count, FLOPs per token and a training-memory estimate (fp32 weights + grads +
     AdamW's two moments = 16 bytes per parameter, plus activations saved for backward)."""
     import torch
+
     from minillm.torch.model import Transformer
 
     with torch.device("meta"):  # shapes only: no memory, no init

@@ -14,6 +14,7 @@ returns (ModelConfig, canonical state dict). Requires the `hf` extra.
 from __future__ import annotations
 
 import torch
+
 from minillm.config import ModelConfig
 from minillm.torch.model import Transformer
 

@@ -22,10 +22,10 @@ import os
 from functools import lru_cache
 from typing import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax
 from minillm.config import ModelConfig
 from minillm.jax.beam import beam_search
 from minillm.jax.kv_cache import bucket_length, cache_length, make_cache, pad_prompts

@@ -14,10 +14,10 @@ change and a jitted decode step compiles once.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax
 from minillm.config import ModelConfig
 
 Cache = dict  # {"k": (L, B, K, max_len, hd), "v": same}

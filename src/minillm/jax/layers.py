@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax
 from minillm.config import ModelConfig
 from minillm.jax.kv_cache import write_slots
 

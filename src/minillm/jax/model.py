@@ -14,10 +14,10 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax
 from minillm import checkpoint
 from minillm.config import ModelConfig
 from minillm.jax.layers import Params, block, dropout, norm, rope_tables, sinusoidal_table

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 
-import jax
 from minillm.config import check_sampling
 
 NEG_INF = -jnp.inf

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
-import torch
 from minillm.data.loader import eval_batches
 
 

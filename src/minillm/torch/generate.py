@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
+
 from minillm.tokenizer.stream import StopChecker, text_pieces
 from minillm.torch.beam import beam_search
 from minillm.torch.kv_cache import BatchCache, cache_length

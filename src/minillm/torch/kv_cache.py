@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
 from minillm.torch.packed import PackedCopy
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import torch.nn.functional as F
-
 import torch
-from minillm.config import ModelConfig
+import torch.nn.functional as F
 from torch import nn
+
+from minillm.config import ModelConfig
 
 # (x, weight, bias) -> x Wᵀ + b in some weight layout; F.linear for the (out, in) of nn.Linear.
 LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
-
 import torch
+import torch.nn.functional as F
+from torch import nn
+
 from minillm.checkpoint import check_params, load_run
 from minillm.config import ModelConfig
 from minillm.torch.layers import Block, make_norm, rope_tables, sinusoidal_table
-from torch import nn
 
 
 class Transformer(nn.Module):

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import weakref
 
-import torch.nn.functional as F
-
 import torch
-from minillm.torch import layers
+import torch.nn.functional as F
 from torch import nn
+
+from minillm.torch import layers
 
 # model -> {compile: (fingerprint of its weights, PackedCopy)}
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
