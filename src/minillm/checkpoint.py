@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load, save
 
-from minillm.config import ModelConfig
-from minillm.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 - re-exported
+from minillm.config import ModelConfig, TrainConfig
+from minillm.data.loader import read_meta
+from minillm.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from minillm.tokenizer import load_tokenizer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -30,35 +34,22 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, or does not fit the expected model."""
 
 
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
-
-
 # --- tensors ---------------------------------------------------------------------------------------
-def save_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.numpy import save
-
+def save_tensors(path: str | Path, tensors: dict[str, np.ndarray],
+                 metadata: dict[str, str] | None = None) -> None:
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     atomic_write_bytes(path, save(arrays, metadata=metadata))
 
 
 def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing file: {path}")
     try:
         return load(path.read_bytes())
     except Exception as e:  # safetensors raises its own error type for a truncated header/body
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        message = f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+        raise CheckpointError(message) from None
 
 
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -95,15 +86,16 @@ def check_params(config: ModelConfig, params: dict[str, Any], source: str = "che
     wrong = [f"{k}: {tuple(params[k].shape)} != {expected[k]}" for k in expected
              if k in params and tuple(params[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+        parts = [f"missing {missing[:5]}" if missing else "",
+                 f"unexpected {unexpected[:5]}" if unexpected else "",
                  f"wrong shapes {wrong[:5]}" if wrong else ""]
-        raise CheckpointError(
-            f"{source} does not match the model config (another architecture?): " + "; ".join(p for p in parts if p)
-        )
+        raise CheckpointError(f"{source} does not match the model config (another architecture?): "
+                              + "; ".join(p for p in parts if p))
 
 
 # --- the model part of a run directory -------------------------------------------------------------
-def save_model(run_dir: str | Path, config: ModelConfig, params: dict[str, np.ndarray], extra_config: dict | None = None) -> None:
+def save_model(run_dir: str | Path, config: ModelConfig, params: dict[str, np.ndarray],
+               extra_config: dict | None = None) -> None:
     """Write config.json and model.safetensors (float32, canonical names) into run_dir."""
     run_dir = Path(run_dir)
     check_params(config, params, "parameters to save")
@@ -113,14 +105,15 @@ def save_model(run_dir: str | Path, config: ModelConfig, params: dict[str, np.nd
 
 
 def load_config(run_dir: str | Path) -> ModelConfig:
-    d = read_json(Path(run_dir) / CONFIG_FILE)
+    d = read_json(Path(run_dir) / CONFIG_FILE, CheckpointError)
     try:
         return ModelConfig.from_dict(d["model"] if "model" in d else d)
     except ValueError as e:
         raise CheckpointError(f"{Path(run_dir) / CONFIG_FILE}: {e}") from None
 
 
-def load_model(run_dir: str | Path, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def load_model(run_dir: str | Path,
+               config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config, params) from run_dir; if `config` is given the weights must fit it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -145,8 +138,6 @@ def load_run(run_dir: str | Path):
     tok_path = Path(run_dir) / TOKENIZER_FILE
     tokenizer = None
     if tok_path.is_file():
-        from minillm.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(tok_path)
     return config, tokenizer, params
 
@@ -170,8 +161,6 @@ def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], sca
 
 def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(tensors, scalars) of the resume point; CheckpointError if absent or damaged."""
-    from safetensors import safe_open
-
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"nothing to resume: {path} does not exist")
@@ -190,20 +179,39 @@ def check_data_dir(data_dir: str | Path, vocab_size: int) -> dict[str, Any]:
     data_dir = Path(data_dir)
     for name in ("train.bin", "val.bin", "meta.json", TOKENIZER_FILE):
         if not (data_dir / name).is_file():
-            raise FileNotFoundError(f"{data_dir / name} not found: prepare the data first, e.g. "
-                                    f"`minillm prepare --source shakespeare --tokenizer char --out {data_dir}`")
-    meta = read_json(data_dir / "meta.json")
-    if vocab_size < int(meta["vocab_size"]):
+            raise FileNotFoundError(
+                f"{data_dir / name} not found: prepare the data first, e.g. "
+                f"`minillm prepare --source shakespeare --tokenizer char --out {data_dir}`")
+    meta = read_meta(data_dir)
+    if vocab_size < meta["vocab_size"]:
         raise ValueError(f"model.vocab_size ({vocab_size}) is smaller than the data's tokenizer vocabulary "
                          f"({meta['vocab_size']}); remove vocab_size from the config to use the data's")
     return meta
 
 
+def save_run_files(run_dir: str | Path, cfg: TrainConfig, data_dir: str | Path, meta: dict[str, Any]) -> None:
+    """What makes a trainer's run directory self-contained besides weights: a copy of the data's
+    tokenizer and config.json ({"model": ..., "train": ..., "data": meta.json})."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / TOKENIZER_FILE, (Path(data_dir) / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    train = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+    atomic_write_json(run_dir / CONFIG_FILE, {"model": cfg.model.to_dict(), "train": train, "data": meta})
+
+
+def check_resume(run_dir: str | Path, data_dir: str | Path, model: ModelConfig) -> None:
+    """Refuse to resume a run trained on other data (tokenizer) or with another model config."""
+    check_run_tokenizer(run_dir, data_dir)
+    saved = load_config(run_dir)
+    if saved != model:
+        raise CheckpointError(f"{run_dir} was trained with a different model config (another architecture?): "
+                              f"saved {saved}, asked for {model}")
+
+
 def check_run_tokenizer(run_dir: str | Path, data_dir: str | Path) -> None:
     """Refuse a run directory whose tokenizer is not the one the data was made with."""
     existing = Path(run_dir) / TOKENIZER_FILE
-    data_tok = read_json(Path(data_dir) / TOKENIZER_FILE)
-    if existing.is_file() and read_json(existing) != data_tok:
+    data_tok = read_json(Path(data_dir) / TOKENIZER_FILE, CheckpointError)
+    if existing.is_file() and read_json(existing, CheckpointError) != data_tok:
         raise CheckpointError(
             f"{existing} does not match the tokenizer of {data_dir} (the data was tokenized differently); "
             "use another out_dir or the data this run was trained on")

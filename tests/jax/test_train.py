@@ -15,11 +15,13 @@ from minillm.cli import main as cli  # noqa: E402
 from minillm.config import load_train_config  # noqa: E402
 from minillm.jax import generate as jg  # noqa: E402
 from minillm.jax import model as jm  # noqa: E402
+from minillm.jax.train import Trainer  # noqa: E402
 from minillm.torch.generate import generate as torch_generate  # noqa: E402
 from minillm.torch.model import load_model as torch_load_model  # noqa: E402
+from minillm.train_loop import train  # noqa: E402
 
-CORPUS = "".join(f"{a} sees {b} by the {c}.\n" for a in ("Anne", "Bob", "Cleo") for b in ("sea", "hill", "moon")
-                 for c in ("gate", "tower", "river", "bridge")) * 3
+CORPUS = "".join(f"{a} sees {b} by the {c}.\n" for a in ("Anne", "Bob", "Cleo")
+                 for b in ("sea", "hill", "moon") for c in ("gate", "tower", "river", "bridge")) * 3
 
 TOML = """
 data_dir = "{data}"
@@ -51,7 +53,9 @@ mlp = "swiglu"
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("jaxdata")
     (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-    assert cli(["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out", str(root / "char")]) == 0
+    args = ["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out",
+            str(root / "char")]
+    assert cli(args) == 0
     return root / "char"
 
 
@@ -66,7 +70,8 @@ def _rows(run) -> list[dict]:
 
 
 def test_run_directory_and_both_frameworks_sample_it_alike(tmp_path, data_dir, capsys):
-    assert cli(["train", "--config", str(_config(tmp_path, data_dir, "jaxrun")), "--backend", "jax", "--quiet"]) == 0
+    config = str(_config(tmp_path, data_dir, "jaxrun"))
+    assert cli(["train", "--config", config, "--backend", "jax", "--quiet"]) == 0
     run = tmp_path / "jaxrun"
     for name in ("config.json", "tokenizer.json", "model.safetensors", "trainer_state.json",
                  "trainer_state.safetensors", "metrics.jsonl", "loss.png", "best/model.safetensors"):
@@ -82,17 +87,22 @@ def test_run_directory_and_both_frameworks_sample_it_alike(tmp_path, data_dir, c
     assert train_rows[-1]["train_loss"] < step0 - 0.5  # it learned
     _assert_same_greedy(run)
     # `minillm sample` (PyTorch) prints what the JAX sampler returns, greedy and with a stop string.
-    assert cli(["sample", "--run", str(run), "--prompt", "Bob", "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    args = ["sample", "--run", str(run), "--prompt", "Bob", "--temperature", "0", "--max-new-tokens", "24"]
+    assert cli(args) == 0
     assert capsys.readouterr().out == "Bob" + jg.sample_texts(run, "Bob", 1, 24, temperature=0)[0] + "\n"
     cut = jg.sample_texts(run, "Bob", 2, 24, temperature=0, stop_strings=["e"])
     assert cut[0] == cut[1] and "e" not in cut[0]
     # and `minillm sample --backend jax` prints the same as the PyTorch sampler
-    args = ["sample", "--run", str(run), "--prompt", "Bob", "--temperature", "0", "--max-new-tokens", "24"]
     assert cli(args) == 0
     torch_out = capsys.readouterr().out
     assert cli(args + ["--backend", "jax"]) == 0
     assert capsys.readouterr().out == torch_out
-    assert cli(args + ["--backend", "jax", "--num-beams", "2"]) == 2  # unsupported there: a clear error
+    beams = ["--num-beams", "3", "--max-new-tokens", "12"]  # beam search: the same on both backends
+    assert cli(args + beams) == 0
+    torch_beam = capsys.readouterr().out
+    assert cli(args + beams + ["--backend", "jax"]) == 0
+    assert capsys.readouterr().out == torch_beam
+    assert cli(args + ["--backend", "jax", "--stream"]) == 2  # unsupported there: a clear error
 
 
 def test_torch_trained_model_samples_identically_in_jax(tmp_path, data_dir):
@@ -100,11 +110,13 @@ def test_torch_trained_model_samples_identically_in_jax(tmp_path, data_dir):
     assert cli(["train", "--config", config, "--backend", "torch", "--quiet"]) == 0
     _assert_same_greedy(tmp_path / "torchrun")
     # The trainer states share one format: JAX resumes the PyTorch run (weights and AdamW moments).
-    last_torch = [r for r in _rows(tmp_path / "torchrun") if r.get("train_loss") is not None][-1]["train_loss"]
-    assert cli(["train", "--config", config, "--backend", "jax", "--resume", "--quiet", "--set", "max_steps=14"]) == 0
+    last_torch = [r for r in _rows(tmp_path / "torchrun") if r.get("train_loss") is not None][-1]
+    resume = ["train", "--config", config, "--backend", "jax", "--resume", "--quiet", "--set", "max_steps=14"]
+    assert cli(resume) == 0
     resumed = [r for r in _rows(tmp_path / "torchrun") if r.get("train_loss") is not None]
     assert [r["step"] for r in resumed][-3:] == [12, 13, 14]
-    assert abs(resumed[-2]["train_loss"] - last_torch) < 0.3  # continues where torch stopped, not from scratch
+    # continues where torch stopped, not from scratch
+    assert abs(resumed[-2]["train_loss"] - last_torch["train_loss"]) < 0.3
 
 
 def _assert_same_greedy(run):
@@ -117,15 +129,15 @@ def _assert_same_greedy(run):
 
 
 def test_exact_resume(tmp_path, data_dir):
-    """12 steps straight == 6 steps (stopped by max_tokens), then --resume to 12: same losses, same weights."""
-    from minillm.jax.train import train
-
-    straight = load_train_config(_config(tmp_path, data_dir, "straight"))
-    train(straight, quiet=True)
-    cut = load_train_config(_config(tmp_path, data_dir, "cut"), ["max_tokens=768"])  # 6 steps x 8 x 16
-    assert train(cut, quiet=True)["step"] == 6
-    resumed = load_train_config(_config(tmp_path, data_dir, "cut"))
-    assert train(resumed, resume=True, quiet=True)["step"] == 12
+    """12 steps straight == 6 steps (stopped by max_tokens), then --resume to 12: same losses, same
+    weights. Dropout is on, so the resume must restore the PRNG key too, not only weights and AdamW."""
+    dropout = ["model.dropout=0.1"]
+    straight = load_train_config(_config(tmp_path, data_dir, "straight"), dropout)
+    train(Trainer(straight, quiet=True))
+    cut = load_train_config(_config(tmp_path, data_dir, "cut"), [*dropout, "max_tokens=768"])  # 6 x 8 x 16
+    assert train(Trainer(cut, quiet=True))["step"] == 6
+    resumed = load_train_config(_config(tmp_path, data_dir, "cut"), dropout)
+    assert train(Trainer(resumed, resume=True, quiet=True))["step"] == 12
     losses = lambda run: {r["step"]: r["train_loss"] for r in _rows(run) if r.get("train_loss") is not None}  # noqa: E731
     assert losses(tmp_path / "straight") == losses(tmp_path / "cut")
     _, _, a = load_run(tmp_path / "straight")

@@ -3,8 +3,8 @@
 import dataclasses
 
 import pytest
-
 import torch
+
 from minillm import checkpoint
 from minillm.config import ModelConfig
 from minillm.torch.model import Transformer, load_model, model_params

@@ -3,15 +3,15 @@
 import math
 
 import pytest
+import torch
 import torch.nn.functional as F
 
-import torch
 from minillm.config import ModelConfig, TrainConfig
 from minillm.schedule import lr_at
 from minillm.torch import train as torch_train
 from minillm.torch.layers import sdpa
 from minillm.torch.model import Transformer, next_token_loss
-from minillm.torch.trainer_state import build_optimizer, decay_split
+from minillm.torch.optim import decay_split, make_optimizer
 
 
 def _cfg(**kw):
@@ -37,12 +37,13 @@ def test_cosine_midpoint_and_wsd_plateau():
 
 
 def test_weight_decay_groups_and_tied_embedding_once():
-    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, bias=True, tie_embeddings=True))
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, bias=True,
+                                    tie_embeddings=True))
     decay, no_decay = decay_split(model)
     assert "tok_emb.weight" in no_decay and "pos_emb.weight" in no_decay
     assert all(n.endswith(".weight") and "norm" not in n for n in decay)
     assert all(n.endswith(".bias") or "norm" in n or "emb" in n for n in no_decay)
-    opt, names = build_optimizer(model, 1e-3, (0.9, 0.99), 1e-8, 0.1)
+    opt, names = make_optimizer(_cfg(weight_decay=0.1), model)
     params = [p for g in opt.param_groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params}) == len(names)
     assert sum(p is model.tok_emb.weight for p in params) == 1  # the tied table, once

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from minillm.config import load_train_config
+from minillm.train_loop import train
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -19,20 +22,20 @@ def register(sub) -> None:
                    help="override a value: --set lr=3e-3 --set model.n_layers=6 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     p.add_argument("--backend", choices=("torch", "jax"), help="framework (default: the config's backend)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when not a terminal)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (it is off anyway when not a terminal)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillm.config import load_train_config
 
     overrides = list(args.overrides) + ([f'backend="{args.backend}"'] if args.backend else [])
     cfg = load_train_config(args.config, overrides)
     if cfg.backend == "jax":
-        from minillm.jax.train import train
+        from minillm.jax.train import Trainer
     else:
-        from minillm.torch.train import train
-    summary = train(cfg, resume=args.resume, quiet=True if args.quiet else None)
+        from minillm.torch.train import Trainer
+    summary = train(Trainer(cfg, resume=args.resume, quiet=True if args.quiet else None))
     if summary.get("interrupted"):
         return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0

@@ -2,7 +2,7 @@
 
 A 1-D device mesh with axis "data". The parameters and optimizer state are replicated on every
 device; the batch (grad_accum, b, T) is split along b. The step is the very function of
-minillm.jax.train, jitted with these shardings: XLA's partitioner (GSPMD) runs each device on
+minillm.jax.step, jitted with these shardings: XLA's partitioner (GSPMD) runs each device on
 its rows and inserts the all-reduce that averages the gradients, so the loss and the update are
 those of the whole global batch, as on one device (DESIGN principle 6: the batch is global).
 
@@ -13,14 +13,15 @@ jax.distributed.initialize() and the same code.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import jax
 from minillm.config import ModelConfig, TrainConfig
-from minillm.jax.train import TrainState, train_step_fn
+from minillm.jax.step import train_step_fn
 
 DATA_AXIS = "data"
 
@@ -54,12 +55,10 @@ def replicate(tree, mesh: Mesh):
 
 
 def make_parallel_train_step(config: ModelConfig, cfg: TrainConfig, optimizer: optax.GradientTransformation,
-                             mesh: Mesh):
+                             mesh: Mesh, dtype=jnp.float32):
     """step(state, xs, ys, key) -> (state, metrics) over the mesh; state replicated, xs/ys
-    placed with shard_batch. Same results as minillm.jax.train.make_train_step on one device."""
+    placed with shard_batch. Same results as minillm.jax.step.make_train_step on one device."""
     rep, data = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(train_step_fn(config, cfg, optimizer), in_shardings=(rep, data, data, rep),
+    return jax.jit(train_step_fn(config, cfg, optimizer, dtype), in_shardings=(rep, data, data, rep),
                    out_shardings=(rep, rep), donate_argnums=0)
 
-
-__all__ = ["TrainState", "make_mesh", "replicate", "shard_batch", "make_parallel_train_step"]

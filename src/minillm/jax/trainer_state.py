@@ -13,15 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jax
 from minillm import checkpoint
-from minillm.checkpoint import STATE_FILE, CheckpointError, read_trainer_state  # noqa: F401 - shared with torch
+from minillm.checkpoint import STATE_FILE, CheckpointError
 from minillm.jax.model import params_from_canonical, params_to_canonical
-from minillm.jax.train import TrainState
+from minillm.jax.step import TrainState
 
 
 def adam_moments(opt_state: optax.OptState) -> optax.ScaleByAdamState:
@@ -36,7 +36,8 @@ def with_adam_moments(opt_state: optax.OptState, count: int, mu: dict, nu: dict)
     return (adam._replace(count=counter(), mu=mu, nu=nu), decay, schedule._replace(count=counter()))
 
 
-def save_trainer_state(run_dir: str | Path, state: TrainState, rng: jax.Array, scalars: dict[str, Any]) -> None:
+def save_trainer_state(run_dir: str | Path, state: TrainState, rng: jax.Array,
+                       scalars: dict[str, Any]) -> None:
     """Write trainer_state.safetensors (the resume point), its JSON mirror and model.safetensors."""
     run_dir = Path(run_dir)
     params = params_to_canonical(state.params)

@@ -1,8 +1,7 @@
-"""The trainer's view of a prepared data directory: batches as tensors, and the files a run keeps.
+"""The PyTorch trainer's view of a prepared data directory: batches as tensors, sharded by rank.
 
 A data directory (from `minillm prepare`) holds train.bin, val.bin, meta.json and
-tokenizer.json. The run directory gets a copy of the tokenizer, so a run is self-contained, and
-a run whose tokenizer differs from the data's is refused before anything is written.
+tokenizer.json; minillm.checkpoint checks it and copies the tokenizer into the run directory.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from minillm import checkpoint
 from minillm.config import TrainConfig
 from minillm.data.loader import BatchLoader
@@ -42,20 +42,6 @@ class RunData:
         for _ in range(self.cfg.eval_batches):
             x, y = self.val.next_batch()
             yield _to(x, device), _to(y, device)
-
-    # --- the run directory's copies -------------------------------------------------------------
-    def tokenizer_text(self) -> str:
-        return (self.dir / "tokenizer.json").read_text(encoding="utf-8")
-
-    def check_run_dir(self, run_dir: Path) -> None:
-        checkpoint.check_run_tokenizer(run_dir, self.dir)
-
-    def save_run_files(self, run_dir: Path, cfg: TrainConfig) -> None:
-        run_dir = Path(run_dir)
-        checkpoint.atomic_write_text(run_dir / checkpoint.TOKENIZER_FILE, self.tokenizer_text())
-        train = {k: v for k, v in cfg.to_dict().items() if k != "model"}
-        checkpoint.atomic_write_json(run_dir / checkpoint.CONFIG_FILE,
-                                     {"model": cfg.model.to_dict(), "train": train, "data": self.meta})
 
 
 def _to(a, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The PyTorch training loop: token shards in, a run directory out.
+"""The PyTorch Trainer: token shards in, a run directory out (minillm.train_loop runs it).
 
 One optimizer step = grad_accum micro-steps whose losses are each divided by grad_accum, so
 the gradient equals that of one batch of batch_size sequences. Under torchrun (WORLD_SIZE > 1)
@@ -11,25 +11,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
 import numpy as np
-
 import torch
+
 from minillm import checkpoint
 from minillm.config import TrainConfig
 from minillm.schedule import lr_at
 from minillm.torch.model import Transformer, next_token_loss
+from minillm.torch.optim import make_optimizer
 from minillm.torch.run_data import RunData
-from minillm.torch.train_loop import NonFiniteLoss, run_loop
-from minillm.torch.trainer_state import (
-    build_optimizer,
-    read_trainer_state,
-    restore_trainer_state,
-    save_trainer_state,
-)
+from minillm.torch.trainer_state import restore_trainer_state, save_trainer_state
+from minillm.train_loop import NonFiniteLoss
 from minillm.viz.metrics import MetricsLog
 
 
@@ -72,7 +67,8 @@ def setup_distributed() -> tuple[int, int]:
 
 
 class Trainer:
-    """Holds the model, optimizer, data and bookkeeping of one run; `fit()` runs it."""
+    """Holds the model, optimizer, data and bookkeeping of one run: what minillm.train_loop.Trainer
+    asks for; `minillm.train_loop.train(Trainer(cfg))` runs it."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool | None = None):
         self.cfg = cfg
@@ -87,14 +83,14 @@ class Trainer:
         self.data = RunData(cfg, self.rank, self.world)
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.opt, self.names = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
+        self.opt, self.names = make_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resume:
             self._resume()
         elif self.is_main:
-            self.data.check_run_dir(self.run_dir)
+            checkpoint.check_run_tokenizer(self.run_dir, self.data.dir)
         self.ddp = self.model
         if self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
@@ -103,34 +99,30 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def _resume(self) -> None:
-        tensors, s = read_trainer_state(self.run_dir)
-        self.data.check_run_dir(self.run_dir)
-        saved = checkpoint.load_config(self.run_dir)
-        if saved != self.cfg.model:
-            raise checkpoint.CheckpointError(
-                f"{self.run_dir} was trained with a different model config (another architecture?): "
-                f"saved {saved}, asked for {self.cfg.model}")
+        tensors, s = checkpoint.read_trainer_state(self.run_dir)
+        checkpoint.check_resume(self.run_dir, self.data.dir, self.cfg.model)
         restore_trainer_state(self.model, self.opt, self.names, tensors, s, self.cfg.model)
-        self.step, self.tokens, self.elapsed, self.best_val = s["step"], s["tokens"], s["elapsed"], s["best_val"]
-        self.data.train.load_state_dict(s["loader"][str(self.rank)] if str(self.rank) in s["loader"] else s["loader"])
+        self.step, self.tokens, self.elapsed = s["step"], s["tokens"], s["elapsed"]
+        self.best_val = s["best_val"]
+        loader = s["loader"]  # {rank: state} under DDP, one state otherwise
+        self.data.train.load_state_dict(loader[str(self.rank)] if str(self.rank) in loader else loader)
         if self.is_main:
             self.metrics.truncate_after(self.step)
             print(f"resumed {self.run_dir} at step {self.step} ({self.tokens:,} tokens seen)")
 
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
     def save(self) -> None:
-        if not self.is_main:
-            return
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise NonFiniteLoss("finite, but the weights are not")  # never checkpoint NaN weights
         scalars = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed, best_val=self.best_val,
                        loader=self.data.train.state_dict())
-        self.data.save_run_files(self.run_dir, self.cfg)
+        checkpoint.save_run_files(self.run_dir, self.cfg, self.data.dir, self.data.meta)
         save_trainer_state(self.run_dir, self.model, self.opt, self.names, scalars)
 
-    def _save_best(self, val: float) -> None:
+    def save_best(self, val: float) -> None:
         self.best_val = val
         best = self.run_dir / "best"
-        self.data.save_run_files(best, self.cfg)
+        checkpoint.save_run_files(best, self.cfg, self.data.dir, self.data.meta)
         checkpoint.save_tensors(best / checkpoint.MODEL_FILE, {
             k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()},
             metadata={"format": "minillm-1", "step": str(self.step), "val_loss": repr(val)})
@@ -166,7 +158,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
         # fp16's GradScaler skips steps with inf gradients by design; otherwise inf/NaN stops the run
         if not math.isfinite(total) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled()):
-            raise NonFiniteLoss(total if not math.isfinite(total) else f"finite, but gradient norm {grad_norm}")
+            raise NonFiniteLoss(total if not math.isfinite(total)
+                                else f"finite, but gradient norm {grad_norm}")
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -188,12 +181,11 @@ class Trainer:
             loss = t.item() / self.world
         return loss
 
-    def fit(self) -> dict:
-        if self.step == 0 and self.is_main:  # "auto" may mean bf16 autocast, even on a CPU: say so
-            name = str(self.dtype).removeprefix("torch.")
-            precision = name if self.dtype == torch.float32 else f"{name} autocast"
-            print(f"training on {self.device} in {precision} (dtype = {self.cfg.dtype!r})")
-        return run_loop(self)
+    def describe(self) -> str:
+        """The precision line: dtype "auto" may mean bf16 autocast, even on a CPU, so say which."""
+        name = str(self.dtype).removeprefix("torch.")
+        precision = name if self.dtype == torch.float32 else f"{name} autocast"
+        return f"training on {self.device} in {precision} (dtype = {self.cfg.dtype!r})"
 
 
 def _try_compile(model, batch: int, block: int, device: torch.device):
@@ -208,16 +200,7 @@ def _try_compile(model, batch: int, block: int, device: torch.device):
         return compiled
     except Exception as e:  # noqa: BLE001 - any backend failure falls back to eager
         model.zero_grad(set_to_none=True)
-        print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it", file=sys.stderr)
+        print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it",
+              file=sys.stderr)
         return model
 
-
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool | None = None) -> dict:
-    """Train per cfg (resuming from cfg.out_dir if asked); returns a summary dict."""
-    trainer = Trainer(cfg, resume=resume, quiet=quiet)
-    old = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM saves like Ctrl-C does
-    try:
-        return trainer.fit()
-    finally:
-        signal.signal(signal.SIGTERM, old)

@@ -13,34 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
+
 from minillm import checkpoint
-from minillm.checkpoint import STATE_FILE, read_trainer_state  # noqa: F401 - shared with JAX
-
-
-def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Names of parameters with and without weight decay: decay matrices (Q, K, V, O, MLP, an
-    untied head); not embeddings, norm gains or biases. A tied embedding appears once."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # named_parameters() yields a shared tensor once
-        is_embedding = name in ("tok_emb.weight", "pos_emb.weight")
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(name)
-    return decay, no_decay
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float):
-    """AdamW (Loshchilov & Hutter 2019) with two parameter groups; returns (optimizer, names in
-    optimizer order) so checkpoints can store the moments under canonical names."""
-    decay, no_decay = decay_split(model)
-    params = dict(model.named_parameters())
-    groups = [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
-              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
-    # The fused kernel does the whole update in one pass per tensor: ~5x faster than foreach on
-    # CPU for a 0.8M-parameter model, 4% of the whole training step (BENCHMARKS.md).
-    fused = all(p.device.type in ("cpu", "cuda") for p in params.values())
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
-    return opt, decay + no_decay
+from minillm.checkpoint import STATE_FILE
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -69,7 +45,8 @@ def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalar
     checkpoint.write_trainer_state(run_dir, tensors, {**scalars, "adam_steps": steps})
 
 
-def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.ndarray], scalars: dict, config) -> None:
+def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.ndarray], scalars: dict,
+                          config) -> None:
     """Load weights, AdamW moments and RNG states saved by save_trainer_state."""
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     checkpoint.check_params(config, weights, f"trainer state ({STATE_FILE})")

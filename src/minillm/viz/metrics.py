@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from minillm.checkpoint import atomic_write_text
+from minillm.files import atomic_write_text
 
 
 class MetricsLog:

@@ -1,0 +1,41 @@
+"""AdamW for the PyTorch trainer: which parameters decay, and the optimizer over the two groups.
+
+The twin of minillm/jax/optim.py (same rule, same names where the concept is the same). The
+learning rate comes from minillm.schedule.lr_at, set on the groups before every step, and the
+gradients are clipped by torch.nn.utils.clip_grad_norm_ (minillm.torch.train.Trainer.train_step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.config import TrainConfig
+
+
+def decay_mask(model: torch.nn.Module) -> dict[str, bool]:
+    """True for parameters with weight decay: matrices (Q, K, V, O, MLP, an untied head); not
+    embeddings, norm gains or biases. A tied embedding is one entry (tok_emb.weight)."""
+    # named_parameters() yields a shared (tied) tensor once
+    return {name: p.dim() >= 2 and name not in ("tok_emb.weight", "pos_emb.weight")
+            for name, p in model.named_parameters()}
+
+
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """decay_mask as two lists of names: (with weight decay, without)."""
+    mask = decay_mask(model)
+    return [n for n, d in mask.items() if d], [n for n, d in mask.items() if not d]
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW (Loshchilov & Hutter 2019) with two parameter groups, weight decay on decay_mask's;
+    returns (optimizer, names in optimizer order) so checkpoints store the moments by name."""
+    decay, no_decay = decay_split(model)
+    params = dict(model.named_parameters())
+    groups = [{"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+    # The fused kernel does the whole update in one pass per tensor: ~5x faster than foreach on
+    # CPU for a 0.8M-parameter model, 4% of the whole training step (BENCHMARKS.md).
+    fused = all(p.device.type in ("cpu", "cuda") for p in params.values())
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
+                            foreach=None if fused else True)
+    return opt, decay + no_decay
