@@ -10,7 +10,7 @@ once, in turn, so a busy machine slows both alike; the table reports medians aft
 
 - training tokens/s: fp32, one optimizer step = forward + backward + global-norm clipping +
   AdamW (matrix-only decay), loss read back every step, as the trainers do (PyTorch eager with
-  the trainer's foreach AdamW; JAX: the jitted minillm.jax.train step). Random token batches.
+  the trainer's foreach AdamW; JAX: the jitted minillm.jax.step step). Random token batches.
 - decode tokens/s: batch 1, greedy, a 16-token prompt and N new tokens (no early stop);
   new tokens / wall time of the whole generate call (prefill included). PyTorch: the default
   minillm.torch.generate (no torch.compile); JAX: minillm.jax.generate (jitted prefill and
@@ -41,13 +41,13 @@ PROMPT_LEN = 16
 # --- workers (one framework each, driven line by line over stdin/stdout) ------------------------
 def torch_worker(model_name: str, ckpt: str) -> None:
     import numpy as np
-
     import torch
+
     from minillm import checkpoint
-    from minillm.config import ModelConfig
+    from minillm.config import ModelConfig, TrainConfig
     from minillm.torch.generate import generate
     from minillm.torch.model import Transformer, model_params, next_token_loss
-    from minillm.torch.trainer_state import build_optimizer
+    from minillm.torch.optim import make_optimizer
 
     batch, block, steps, new = SETTINGS[model_name]
     config = ModelConfig.preset(model_name)
@@ -55,7 +55,8 @@ def torch_worker(model_name: str, ckpt: str) -> None:
     model = Transformer(config)
     checkpoint.save_model(ckpt, config, model_params(model))
     decoder = copy.deepcopy(model).eval()  # decoding keeps the saved weights; training moves `model`
-    opt, _ = build_optimizer(model, 1e-4, (0.9, 0.99), 1e-8, 0.1)
+    adamw = TrainConfig(model=config, lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    opt, _ = make_optimizer(adamw, model)
     data = np.random.default_rng(0).integers(0, config.vocab_size, (steps, batch, block + 1))
 
     def train() -> float:
@@ -78,22 +79,25 @@ def torch_worker(model_name: str, ckpt: str) -> None:
 
 
 def jax_worker(model_name: str, ckpt: str) -> None:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    import jax
     from minillm.config import TrainConfig
     from minillm.jax import generate as jg
     from minillm.jax import model as jm
-    from minillm.jax import train as jt
+    from minillm.jax import optim as jo
+    from minillm.jax import step as js
 
     batch, block, steps, new = SETTINGS[model_name]
     config, params, _ = jm.load_model(ckpt)
-    cfg = TrainConfig(model=config, batch_size=batch, block_size=block, lr=1e-4, warmup_steps=0, max_steps=10**6)
-    optimizer = jt.make_optimizer(cfg, params)
-    step = jt.make_train_step(config, cfg, optimizer)
-    state = jt.init_train_state(jax.tree.map(jnp.copy, params), optimizer)
-    data = np.random.default_rng(0).integers(0, config.vocab_size, (steps, 1, batch, block + 1)).astype(np.int32)
+    cfg = TrainConfig(model=config, batch_size=batch, block_size=block, lr=1e-4, warmup_steps=0,
+                      max_steps=10**6)
+    optimizer = jo.make_optimizer(cfg, params)
+    step = js.make_train_step(config, cfg, optimizer)
+    state = js.init_train_state(jax.tree.map(jnp.copy, params), optimizer)
+    data = np.random.default_rng(0).integers(0, config.vocab_size, (steps, 1, batch, block + 1))
+    data = data.astype(np.int32)
     key = jax.random.PRNGKey(0)
 
     def train() -> float:
@@ -167,7 +171,8 @@ def bench_model(model_name: str, runs: int, threads: int | None) -> dict:
                 answer = w.ask("decode")
                 results[name]["decode"].append(answer["tok_s"])
                 outs[name] = answer["tokens"]
-            agree = next((i for i, (a, b) in enumerate(zip(outs["torch"], outs["jax"])) if a != b), len(outs["jax"]))
+            pairs = enumerate(zip(outs["torch"], outs["jax"]))
+            agree = next((i for i, (a, b) in pairs if a != b), len(outs["jax"]))
         versions = {"torch": torch_w.version, "jax": jax_w.version}
         torch_w.close()
         jax_w.close()
@@ -192,7 +197,8 @@ def main() -> None:
         (torch_worker if args.worker == "torch" else jax_worker)(args.models[0], args.ckpt)
         return
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'unknown'}, "
-          f"Python {platform.python_version()}; {args.runs} rounds, medians; threads: {args.threads or 'default'}; "
+          f"Python {platform.python_version()}; {args.runs} rounds, medians; "
+          f"threads: {args.threads or 'default'}; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     rows = []
     for name in args.models:

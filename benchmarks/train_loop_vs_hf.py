@@ -9,20 +9,9 @@ models alternate in blocks of steps after a warm-up, and the medians are compare
 from __future__ import annotations
 
 import statistics
-import time
 
+import _common
 import torch
-
-
-def _loop(model, forward, opt, x, y, steps: int) -> float:
-    t = time.perf_counter()
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(forward(model, x).flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return steps * x.numel() / (time.perf_counter() - t)
 
 
 def loop_ratio(batch: int = 12, block: int = 64, steps: int = 20, rounds: int = 5) -> tuple[float, float]:
@@ -41,12 +30,9 @@ def loop_ratio(batch: int = 12, block: int = 64, steps: int = 20, rounds: int = 
         "hf": (theirs, lambda m, t: m(input_ids=t).logits),
     }
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99)) for k, (m, _) in runs.items()}
-    for k, (m, f) in runs.items():
-        _loop(m, f, opts[k], x, y, 5)  # warm-up
-    speeds = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, (m, f) in runs.items():
-            speeds[k].append(_loop(m, f, opts[k], x, y, steps))
+    timed = {k: (lambda n, m=m, f=f, opt=opts[k]: _common.train_steps(m, f, opt, x, y, n))
+             for k, (m, f) in runs.items()}
+    speeds = _common.alternate(timed, rounds, steps, warmup=5)
     return statistics.median(speeds["ours"]), statistics.median(speeds["hf"])
 
 

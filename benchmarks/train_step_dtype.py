@@ -13,30 +13,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
-from pathlib import Path
 
+import _common
 import torch
+
 from minillm.config import load_train_config
 from minillm.torch.model import Transformer
-from minillm.torch.trainer_state import build_optimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_loop_vs_hf import _loop  # noqa: E402  (the benchmarks' shared training loop)
+from minillm.torch.optim import make_optimizer
 
 
 def make_run(cfg, dtype: torch.dtype, x: torch.Tensor, y: torch.Tensor):
     """steps -> tokens/s of `steps` optimizer steps of a fresh model, forward under `dtype`."""
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model)
-    opt, _ = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
+    opt, _ = make_optimizer(cfg, model)
 
     def forward(m, t):
         ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
         with ctx:
             return m(t).float()  # the loss in fp32, as autocast computes it in the trainer
 
-    return lambda steps: _loop(model, forward, opt, x, y, steps)
+    return lambda steps: _common.train_steps(model, forward, opt, x, y, steps)
 
 
 def main() -> None:
@@ -48,13 +45,9 @@ def main() -> None:
     cfg = load_train_config(args.config)
     shape = (cfg.batch_size, cfg.block_size)
     x, y = torch.randint(0, cfg.model.vocab_size, shape), torch.randint(0, cfg.model.vocab_size, shape)
-    variants = {"float32": make_run(cfg, torch.float32, x, y), "bfloat16": make_run(cfg, torch.bfloat16, x, y)}
-    for run in variants.values():
-        run(args.steps)  # warm-up
-    secs = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, run in variants.items():
-            secs[k].append(x.numel() / run(args.steps))  # seconds per step
+    variants = {name: (lambda steps, run=make_run(cfg, getattr(torch, name), x, y): x.numel() / run(steps))
+                for name in ("float32", "bfloat16")}  # -> seconds per step
+    secs = _common.alternate(variants, args.rounds, args.steps)
     ratios = [a / b for a, b in zip(secs["float32"], secs["bfloat16"])]
     for k in variants:
         print(f"{k:9s} {statistics.median(secs[k]) * 1e3:7.2f} ms/step (median of {args.rounds} rounds)")

@@ -29,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT
+from train_loop_vs_hf import loop_ratio  # (d), in its own file to keep this one short
+
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
@@ -54,8 +56,10 @@ def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000) -> dict:
         wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(ds, ignore_errors=True)
-    iters = [(int(m[1]), float(m[2])) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", res.stdout)]
-    evals = [(int(m[1]), float(m[2])) for m in re.finditer(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", res.stdout)]
+    iter_re = r"iter (\d+): loss [\d.]+, time ([\d.]+)ms"
+    eval_re = r"step (\d+): train loss [\d.]+, val loss ([\d.]+)"
+    iters = [(int(m[1]), float(m[2])) for m in re.finditer(iter_re, res.stdout)]
+    evals = [(int(m[1]), float(m[2])) for m in re.finditer(eval_re, res.stdout)]
     eval_steps = {s for s, _ in evals}
     # an iteration that follows an evaluation also carries the evaluation's time: use the median there
     plain = [dt for it, dt in iters if it not in eval_steps and it > 0]
@@ -101,27 +105,26 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000, help="nanoGPT's max_iters (2000 is its recipe)")
     ap.add_argument("--best-steps", type=int, default=700, help="step budget of our recipe for (b)")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_loop_vs_hf import loop_ratio  # (d), in its own file to keep this one short
-
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     ng, ours, ours32, best = [], [], [], []
+    data = f'data_dir="{args.data.resolve()}"'
     for r in range(args.rounds):
         ng.append(run_nanogpt(args.nanogpt.resolve(), args.data.resolve(), tmp / f"ng{r}", args.iters))
-        ours.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours{r}", f'data_dir="{args.data.resolve()}"',
-                             f"max_steps={args.iters}"))
-        ours32.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours32_{r}", f'data_dir="{args.data.resolve()}"',
+        ours.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours{r}", data, f"max_steps={args.iters}"))
+        ours32.append(run_ours("configs/nanogpt-cpu.toml", tmp / f"ours32_{r}", data,
                                f"max_steps={args.iters}", 'dtype="float32"'))
         target = ng[-1]["final_val"]
-        run = run_ours("configs/shakespeare-char-cpu.toml", tmp / f"best{r}", f'data_dir="{args.data.resolve()}"',
+        run = run_ours("configs/shakespeare-char-cpu.toml", tmp / f"best{r}", data,
                        "eval_interval=50", f"max_steps={args.best_steps}")
         hit = next(((s, v, t) for s, v, t in run["evals"] if v <= target), None)
         best.append(dict(target=target, hit=hit, final_val=run["final_val"], train_s=run["train_s"]))
-        print(f"round {r}: nanoGPT {ng[-1]['tokens_per_s']:,.0f} tok/s val {target:.4f} in {ng[-1]['train_s']:.1f}s | "
+        print(f"round {r}: nanoGPT {ng[-1]['tokens_per_s']:,.0f} tok/s val {target:.4f} "
+              f"in {ng[-1]['train_s']:.1f}s | "
               f"ours {ours[-1]['tokens_per_s']:,.0f} tok/s val {ours[-1]['final_val']:.4f} | ours fp32 "
-              f"{ours32[-1]['tokens_per_s']:,.0f} tok/s val {ours32[-1]['final_val']:.4f} | best recipe hit {hit}",
-              flush=True)
+              f"{ours32[-1]['tokens_per_s']:,.0f} tok/s val {ours32[-1]['final_val']:.4f} | "
+              f"best recipe hit {hit}", flush=True)
     import torch
+
     from minillm.config import ModelConfig
     from minillm.torch.model import Transformer
     from minillm.torch.train import resolve_dtype
@@ -133,21 +136,24 @@ def main() -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     ng_tps, our_tps = med([n["tokens_per_s"] for n in ng]), med([o["tokens_per_s"] for o in ours])
     our32_tps = med([o["tokens_per_s"] for o in ours32])
-    print(f"\n(a) tokens/s: ours ({auto}) {our_tps:,.0f} vs nanoGPT (float32) {ng_tps:,.0f} -> {our_tps / ng_tps:.2f}x; "
+    print(f"\n(a) tokens/s: ours ({auto}) {our_tps:,.0f} vs nanoGPT (float32) {ng_tps:,.0f} "
+          f"-> {our_tps / ng_tps:.2f}x; "
           f"ours float32 {our32_tps:,.0f} -> {our32_tps / ng_tps:.2f}x")
     hits = [b["hit"][2] for b in best if b["hit"]]
     ng_s = med([n["train_s"] for n in ng])
     if hits:
-        print(f"(b) time to nanoGPT's final val loss ({med([b['target'] for b in best]):.4f}): ours {med(hits):.1f}s "
-              f"vs nanoGPT {ng_s:.1f}s -> {med(hits) / ng_s:.2f}x  (ours ends at {med([b['final_val'] for b in best]):.4f})")
+        final = med([b["final_val"] for b in best])
+        print(f"(b) time to nanoGPT's final val loss ({med([b['target'] for b in best]):.4f}): "
+              f"ours {med(hits):.1f}s vs nanoGPT {ng_s:.1f}s -> {med(hits) / ng_s:.2f}x  "
+              f"(ours ends at {final:.4f})")
     else:
         print(f"(b) our recipe did not reach nanoGPT's final val loss: {best}")
     print(f"(c) MFU ({flops_tok:,} FLOPs/token): matmul peak float32 {peak / 1e9:.0f} GFLOP/s, {auto} "
           f"{peak_auto / 1e9:.0f} GFLOP/s; ours ({auto}) {our_tps * flops_tok / peak_auto:.1%}, ours float32 "
           f"{our32_tps * flops_tok / peak:.1%}, nanoGPT {ng_tps * flops_tok / peak:.1%}")
     ours_loop, hf_loop = loop_ratio()
-    print(f"(d) same loop, GPT-2 shape with biases: ours {ours_loop:,.0f} tok/s vs transformers GPT2LMHeadModel "
-          f"{hf_loop:,.0f} tok/s -> {ours_loop / hf_loop:.2f}x")
+    print(f"(d) same loop, GPT-2 shape with biases: ours {ours_loop:,.0f} tok/s vs transformers "
+          f"GPT2LMHeadModel {hf_loop:,.0f} tok/s -> {ours_loop / hf_loop:.2f}x")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

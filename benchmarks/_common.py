@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts (`import _common`: running `python benchmarks/x.py`
+puts benchmarks/ on sys.path).
+
+- train_steps: the benchmarks' one PyTorch training loop (forward, loss, backward, clipping,
+  AdamW), so every script times the same step;
+- alternate: runs variants in turn, round after round, so a busy machine slows them alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+
+def train_steps(model, forward, opt, x, y, steps: int) -> float:
+    """tokens/s of `steps` optimizer steps: cross-entropy of forward(model, x) against y (B, T),
+    backward, clip_grad_norm_(1.0), opt.step()."""
+    import torch
+
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(forward(model, x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * x.numel() / (time.perf_counter() - t)
+
+
+def alternate(runs: dict[str, Callable[[int], float]], rounds: int, steps: int,
+              warmup: int | None = None) -> dict[str, list[float]]:
+    """{name: [run(steps) of each round]} after one warm-up call per run (default: `steps` steps)."""
+    for run in runs.values():
+        run(warmup or steps)
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run(steps))
+    return results
