@@ -8,7 +8,7 @@ BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 DEMO_CONFIG ?= configs/shakespeare-char-cpu.toml
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup lint test test-slow demo bench clean
 
 # The package and its runtime dependencies: enough for `make demo`.
 $(BASE): pyproject.toml Makefile
@@ -25,7 +25,11 @@ $(FULL): $(BASE)
 
 setup: $(FULL)
 
-test: $(FULL)
+# Style first (ruff: line length 110, pycodestyle, pyflakes, import order), then the tests.
+lint: $(FULL)
+	$(PY) -m ruff check src tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: $(FULL)
