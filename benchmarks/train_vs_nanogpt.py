@@ -37,8 +37,10 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
-def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000) -> dict:
-    """nanoGPT's README CPU recipe on our train/val split; returns its timings and losses."""
+def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000, recipe: list[str] = NANOGPT_ARGS,
+                tokens_per_iter: int = 12 * 64) -> dict:
+    """nanoGPT's README CPU recipe (or another `recipe` of its train.py arguments) on our
+    train/val split; returns its timings and losses."""
     name = "minillm_bench"
     ds = clone / "data" / name
     ds.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,7 @@ def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000) -> dict:
         pickle.dump({"vocab_size": meta["vocab_size"]}, f)
     try:
         t0 = time.perf_counter()
-        args = [a for a in NANOGPT_ARGS if not a.startswith(("--max_iters", "--lr_decay_iters"))]
+        args = [a for a in recipe if not a.startswith(("--max_iters", "--lr_decay_iters"))]
         args += [f"--max_iters={iters}", f"--lr_decay_iters={iters}"]
         res = subprocess.run([sys.executable, "train.py", *args, f"--dataset={name}", f"--out_dir={out}"],
                              cwd=clone, capture_output=True, text=True, check=True)
@@ -65,7 +67,7 @@ def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000) -> dict:
     plain = [dt for it, dt in iters if it not in eval_steps and it > 0]
     med = statistics.median(plain)
     train_s = sum(dt if it not in eval_steps and it > 0 else med for it, dt in iters) / 1000
-    return dict(ms_per_iter=med, tokens_per_s=12 * 64 / (med / 1000), train_s=train_s, wall_s=wall,
+    return dict(ms_per_iter=med, tokens_per_s=tokens_per_iter / (med / 1000), train_s=train_s, wall_s=wall,
                 final_val=evals[-1][1], evals=evals)
 
 
