@@ -7,7 +7,7 @@ torch side's names where the concept is the same, so `diff torch/X.py jax/X.py` 
     kv_cache.py       the fixed-shape KV cache: make_cache, slot writes, beam reorder, how long to allocate
     sampling.py       logits filters (repetition penalty, temperature, top-k, top-p, min-p) and the draw
     generate.py       jitted prefill and decode step, sliding window, stop strings, sample_texts
-    beam.py           beam search (transformers' conventions, token for token equal to torch's)
+    beam.py           beam search's model side (the search itself: minillm.beam)
     optim.py          AdamW set-up: decay mask, LR schedule, clipping
     step.py           the pure, jitted training step (grad accumulation, bf16 mixed precision)
     train.py          the Trainer that minillm.train_loop drives
