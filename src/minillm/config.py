@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from minillm.config_io import from_dict, load_toml, parse_overrides
 from minillm.data.loader import read_meta
@@ -242,6 +242,28 @@ def check_sampling(temperature: float, top_k: int | None = None, top_p: float | 
         raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def cache_length(prompt_lengths: Sequence[int], max_new_tokens: int, max_seq_len: int,
+                 context_overflow: str = "error") -> int:
+    """KV-cache slots a generation needs (longest prompt + new tokens), shared by the PyTorch and
+    JAX generators: past max_seq_len a clear error, or with context_overflow="slide" the whole
+    context, which then slides over the sequence."""
+    if context_overflow not in ("error", "slide"):
+        raise ValueError(f"context_overflow must be 'error' or 'slide', got {context_overflow!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if min(prompt_lengths) == 0:
+        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
+    longest = max(prompt_lengths)
+    if longest + max_new_tokens <= max_seq_len:
+        return longest + max_new_tokens
+    if context_overflow == "error":
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"max_seq_len={max_seq_len}; shorten the prompt, ask for fewer tokens, or use a sliding window "
+            f"(context_overflow='slide' / --sliding-window)")
+    return max_seq_len
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

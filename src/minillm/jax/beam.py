@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minillm import beam
-from minillm.config import ModelConfig
-from minillm.jax.kv_cache import bucket_length, cache_length, make_cache, pad_prompts, reorder
+from minillm.config import ModelConfig, cache_length
+from minillm.jax.kv_cache import bucket_length, make_cache, pad_prompts, reorder
 from minillm.jax.model import Params, config_json, forward_cached
 from minillm.jax.sampling import mask_padded_vocab
 
@@ -47,7 +47,7 @@ def beam_search(params: Params, config: ModelConfig, prompt: Sequence[int], max_
     """The best continuation of `prompt` (new tokens only); options as in minillm.beam.search."""
     beam.check_beam_args(num_beams, max_new_tokens)
     T = len(prompt)
-    cache_len = bucket_length(cache_length(T, max_new_tokens, config.max_seq_len), config.max_seq_len)
+    cache_len = bucket_length(cache_length([T], max_new_tokens, config.max_seq_len), config.max_seq_len)
     prefill, extend_step = _beam_steps(config_json(config), vocab_size)
     prompts = np.asarray([list(prompt)] * num_beams, np.int32)  # (N, T), every row the same prompt
     cache = make_cache(config, num_beams, cache_len)

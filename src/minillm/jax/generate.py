@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, cache_length
 from minillm.jax.beam import beam_search
-from minillm.jax.kv_cache import bucket_length, cache_length, make_cache, pad_prompts
+from minillm.jax.kv_cache import bucket_length, make_cache, pad_prompts
 from minillm.jax.model import Params, config_json, forward_cached, load_model
 from minillm.jax.sampling import SamplingConfig, mask_padded_vocab, sample_next
 from minillm.tokenizer.stream import StopChecker, special_ids
@@ -81,7 +81,7 @@ def token_steps(params: Params, config: ModelConfig, prompts: np.ndarray, max_ne
                 context_overflow: str = "error") -> Iterator[np.ndarray]:
     """The core loop: yields the next tokens (B,) as numpy, one step at a time, max_new_tokens
     times (callers stop early at their stop tokens)."""
-    window = cache_length(prompts.shape[1], max_new_tokens, config.max_seq_len, context_overflow)
+    window = cache_length([prompts.shape[1]], max_new_tokens, config.max_seq_len, context_overflow)
     if max_new_tokens == 0:
         return
     prefill, decode_step = _steps(config_json(config), sampling, vocab_size)

@@ -40,28 +40,7 @@ def reorder(cache: Cache, rows: jax.Array) -> Cache:
     return {"k": cache["k"][:, rows], "v": cache["v"][:, rows]}
 
 
-# --- how long a cache to allocate -------------------------------------------------------------------
-def cache_length(prompt_len: int, max_new_tokens: int, max_seq_len: int,
-                 context_overflow: str = "error") -> int:
-    """Slots a generation needs (prompt + new tokens); past max_seq_len a clear error, or with
-    context_overflow="slide" the whole context, which then slides over the sequence."""
-    if context_overflow not in ("error", "slide"):
-        raise ValueError(f"context_overflow must be 'error' or 'slide', got {context_overflow!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if prompt_len == 0:
-        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
-    if prompt_len + max_new_tokens <= max_seq_len:
-        return prompt_len + max_new_tokens
-    if context_overflow == "error":
-        raise ValueError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-            f"max_seq_len={max_seq_len}; shorten the prompt, ask for fewer tokens, or use a sliding window "
-            f"(context_overflow='slide' / --sliding-window)"
-        )
-    return max_seq_len
-
-
+# --- cache shapes (how many slots: minillm.config.cache_length) ------------------------------------
 def bucket_length(n: int, limit: int, smallest: int = 16) -> int:
     """The power of two >= n (at least `smallest`), capped at `limit`: few shapes, few compiles."""
     size = smallest

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from minillm import beam
-from minillm.torch.kv_cache import BatchCache, cache_length
+from minillm.config import cache_length
+from minillm.torch.kv_cache import BatchCache
 from minillm.torch.packed import packed_copy
 from minillm.torch.sampling import mask_padded_vocab
 
@@ -22,7 +23,7 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
                 eos_token_ids: Sequence[int] = (), vocab_size: int | None = None) -> list[int]:
     """The best continuation of `prompt` (new tokens only); options as in minillm.beam.search."""
     beam.check_beam_args(num_beams, max_new_tokens)
-    slots = cache_length(model.config.max_seq_len, [list(prompt)], max_new_tokens, "error")
+    slots = cache_length([len(prompt)], max_new_tokens, model.config.max_seq_len)
     cache = BatchCache(packed_copy(model), slots, model.config.vocab_size)
 
     def log_probs(logits: torch.Tensor) -> np.ndarray:  # (N, V) float32

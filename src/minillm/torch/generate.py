@@ -18,9 +18,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from minillm.config import cache_length
 from minillm.tokenizer.stream import StopChecker, text_pieces
 from minillm.torch.beam import beam_search
-from minillm.torch.kv_cache import BatchCache, cache_length
+from minillm.torch.kv_cache import BatchCache
 from minillm.torch.packed import packed_copy
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next
 
@@ -53,7 +54,8 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: 
     """The core loop: yields the next token of every row (B ints) once per step. Stops after
     max_new_tokens steps or when every row has produced a stop token. (Finished rows keep
     running in the batch; callers drop what follows their stop token.)"""
-    window = cache_length(model.config.max_seq_len, prompts, max_new_tokens, context_overflow)
+    lengths = [len(p) for p in prompts]
+    window = cache_length(lengths, max_new_tokens, model.config.max_seq_len, context_overflow)
     cache = BatchCache(packed_copy(model, compile), window, model.config.vocab_size,
                        track_seen=sampling.repetition_penalty not in (None, 1.0))
     generators = _generators(seed, len(prompts))

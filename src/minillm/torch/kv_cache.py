@@ -72,27 +72,6 @@ def make_caches(config, batch: int, max_len: int, dtype: torch.dtype = torch.flo
             for _ in range(config.n_layers)]
 
 
-def cache_length(max_seq_len: int, prompts: list[list[int]], max_new_tokens: int,
-                 context_overflow: str) -> int:
-    """Cache slots needed; a clear error (or a sliding window when asked) past max_seq_len."""
-    if context_overflow not in ("error", "slide"):
-        raise ValueError(f"context_overflow must be 'error' or 'slide', got {context_overflow!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. the tokenizer's bos id)")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens <= max_seq_len:
-        return longest + max_new_tokens
-    if context_overflow == "error":
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-            f"max_seq_len={max_seq_len}; shorten the prompt, ask for fewer tokens, or use a sliding window "
-            f"(context_overflow='slide' / --sliding-window)"
-        )
-    return max_seq_len
-
-
 class BatchCache:
     """The cache state of B rows generated together: per-layer K/V buffers of max_len slots,
     which slots hold real tokens (`valid`), each slot's position, and the decode step's mask.
