@@ -1,7 +1,8 @@
 """The one training loop (minillm.train_loop): first with a scripted trainer (no framework, a fake
-clock), then end to end through `minillm train` for both backends: NaN stop, Ctrl-C / SIGTERM
-save, a run with no periodic eval or checkpoint."""
+clock), then end to end through `minillm train` for both backends: exact resume after SIGKILL,
+NaN stop, Ctrl-C / SIGTERM save, a run with no periodic eval or checkpoint."""
 
+import importlib.util
 import json
 import math
 import os
@@ -179,8 +180,8 @@ n_layers = 1
 n_heads = 4
 dropout = 0.1
 """
-BACKENDS = ["torch", pytest.param("jax", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("jax") is None, reason="needs jax"))]
+NEEDS_JAX = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+BACKENDS = ["torch", pytest.param("jax", marks=NEEDS_JAX)]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,7 @@ def data_dir(tmp_path_factory):
 
 
 def _config(tmp_path: Path, data: Path, backend: str, steps: int) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     p = tmp_path / f"{backend}.toml"
     p.write_text(TOML.format(data=data, out=tmp_path / "run", backend=backend, steps=steps))
     return p
@@ -201,6 +203,43 @@ def _config(tmp_path: Path, data: Path, backend: str, steps: int) -> Path:
 
 def _train_cmd(cfg: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "minillm.cli", "train", "--config", str(cfg), "--quiet", *extra]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
+
+
+# bf16: autocast, what dtype "auto" picks on CPUs with native bf16
+@pytest.mark.parametrize("backend,dtype", [("torch", "float32"), ("torch", "bfloat16"),
+                                           pytest.param("jax", "float32", marks=NEEDS_JAX)])
+def test_exact_resume_after_sigkill(tmp_path, data_dir, backend, dtype):
+    """N steps straight == k steps, SIGKILL, --resume, N-k steps: same losses, bitwise same
+    weights. Dropout is on, so the resume must restore the RNG state (JAX: the PRNG key) too."""
+    runs = {name: _config(tmp_path / name, data_dir, backend, steps=30) for name in ("straight", "killed")}
+    dtype_set = ("--set", f'dtype="{dtype}"')
+    subprocess.run(_train_cmd(runs["straight"], *dtype_set), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_train_cmd(runs["killed"], *dtype_set), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "run" / "trainer_state.json"
+    try:
+        deadline = time.time() + 120
+        while not state.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+    finally:  # the kill under test, and no training process left behind if the wait fails
+        proc.kill()
+        proc.wait()
+    k = json.loads(state.read_text())["step"]
+    assert 0 < k < 30, f"the kill should land mid-run (checkpoint at step {k})"
+    subprocess.run(_train_cmd(runs["killed"], "--resume", *dtype_set), check=True, capture_output=True,
+                   timeout=300)
+    a, b = _losses(tmp_path / "straight" / "run"), _losses(tmp_path / "killed" / "run")
+    assert sorted(a) == sorted(b) == list(range(1, 31))
+    assert all(a[s] == b[s] for s in a), "loss sequences differ"
+    from safetensors.numpy import load_file
+
+    wa, wb = (load_file(tmp_path / name / "run" / "model.safetensors") for name in ("straight", "killed"))
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[n], wb[n]) for n in wa)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

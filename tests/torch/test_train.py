@@ -1,5 +1,6 @@
-"""End-to-end PyTorch training: exact resume after SIGKILL, clear errors, step-0 loss, run directory,
-DDP, and one Trainer step against a stand-alone AdamW (the loop itself: tests/test_train_loop.py)."""
+"""End-to-end PyTorch training: clear errors, step-0 loss, run directory, DDP, and one Trainer step
+against a stand-alone AdamW (the loop itself, exact resume after SIGKILL included, for both
+frameworks: tests/test_train_loop.py)."""
 
 import copy
 import json
@@ -7,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,33 +77,6 @@ def _train_cmd(cfg: Path, *extra: str) -> list[str]:
 def _losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: autocast, what "auto" picks on some CPUs
-def test_exact_resume_after_sigkill(tmp_path, data_dir, dtype):
-    """N steps straight == k steps, SIGKILL, --resume, N-k steps: same losses, bitwise same weights."""
-    straight = _config(tmp_path, data_dir, "straight", steps=30)
-    subprocess.run(_train_cmd(straight, "--set", f'dtype="{dtype}"'), check=True, capture_output=True)
-    killed = _config(tmp_path, data_dir, "killed", steps=30)
-    proc = subprocess.Popen(_train_cmd(killed, "--set", f'dtype="{dtype}"'), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = tmp_path / "killed" / "trainer_state.json"
-    try:
-        deadline = time.time() + 120
-        while not state.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.005)
-    finally:  # the kill under test, and no training process left behind if the wait fails
-        proc.kill()
-        proc.wait()
-    k = json.loads(state.read_text())["step"]
-    assert 0 < k < 30, f"the kill should land mid-run (checkpoint at step {k})"
-    subprocess.run(_train_cmd(killed, "--resume", "--set", f'dtype="{dtype}"'), check=True,
-                   capture_output=True)
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
-    assert sorted(a) == sorted(b) == list(range(1, 31))
-    assert all(a[s] == b[s] for s in a), "loss sequences differ"
-    wa, wb = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "killed"))
-    assert wa.keys() == wb.keys() and all(np.array_equal(wa[n], wb[n]) for n in wa)
 
 
 def test_run_directory_and_step0_loss(tmp_path, data_dir, capsys):
