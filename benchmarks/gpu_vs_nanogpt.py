@@ -15,12 +15,13 @@ final validation loss.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from _common import ROOT
 from train_vs_nanogpt import run_nanogpt, run_ours
+
+from minillm.data.loader import read_meta
 
 RECIPE = ["config/train_shakespeare_char.py", "--log_interval=1"]
 TOKENS_PER_STEP = 64 * 256
@@ -31,7 +32,7 @@ def flops_per_token(data: Path) -> float:
     from minillm.config import ModelConfig
     from minillm.torch.model import Transformer
 
-    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    vocab = read_meta(data)["vocab_size"]
     config = ModelConfig(vocab_size=vocab, max_seq_len=256, d_model=384, n_layers=6, n_heads=6, d_ff=1536,
                          norm="layernorm", positions="learned", mlp="gelu_exact", bias=False)
     return Transformer(config).flops_per_token()

@@ -90,7 +90,7 @@ def jax_worker(model_name: str, ckpt: str) -> None:
     from minillm.jax import step as js
 
     batch, block, steps, new = SETTINGS[model_name]
-    config, params, _ = jm.load_model(ckpt)
+    config, params, _ = jm.load_params(ckpt)
     cfg = TrainConfig(model=config, batch_size=batch, block_size=block, lr=1e-4, warmup_steps=0,
                       max_steps=10**6)
     optimizer = jo.make_optimizer(cfg, params)

@@ -32,6 +32,8 @@ from pathlib import Path
 from _common import ROOT
 from train_loop_vs_hf import loop_ratio  # (d), in its own file to keep this one short
 
+from minillm.data.loader import read_meta
+
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
@@ -44,7 +46,7 @@ def run_nanogpt(clone: Path, data: Path, out: Path, iters: int = 2000, recipe: l
     name = "minillm_bench"
     ds = clone / "data" / name
     ds.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((data / "meta.json").read_text())
+    meta = read_meta(data)
     for split in ("train", "val"):
         shutil.copy(data / f"{split}.bin", ds / f"{split}.bin")
     with open(ds / "meta.pkl", "wb") as f:
@@ -133,8 +135,8 @@ def main() -> None:
 
     auto = str(resolve_dtype(torch.device("cpu"), "auto")).removeprefix("torch.")
     peak, peak_auto = matmul_peak_flops(), matmul_peak_flops(auto)
-    flops_tok = Transformer(ModelConfig.preset("gpt-char", vocab_size=json.loads(
-        (args.data / "meta.json").read_text())["vocab_size"])).flops_per_token(64)
+    vocab_size = read_meta(args.data)["vocab_size"]
+    flops_tok = Transformer(ModelConfig.preset("gpt-char", vocab_size=vocab_size)).flops_per_token(64)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     ng_tps, our_tps = med([n["tokens_per_s"] for n in ng]), med([o["tokens_per_s"] for o in ours])
     our32_tps = med([o["tokens_per_s"] for o in ours32])

@@ -112,7 +112,7 @@ def load_config(run_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{Path(run_dir) / CONFIG_FILE}: {e}") from None
 
 
-def load_model(run_dir: str | Path,
+def load_weights(run_dir: str | Path,
                config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config, params) from run_dir; if `config` is given the weights must fit it."""
     run_dir = Path(run_dir)
@@ -134,7 +134,7 @@ def save_run(run_dir: str | Path, config: ModelConfig, tokenizer, params: dict[s
 
 def load_run(run_dir: str | Path):
     """run directory -> (ModelConfig, tokenizer or None, params as numpy arrays)."""
-    config, params = load_model(run_dir)
+    config, params = load_weights(run_dir)
     tok_path = Path(run_dir) / TOKENIZER_FILE
     tokenizer = None
     if tok_path.is_file():

@@ -105,13 +105,13 @@ def test_one_checkpoint_serves_both_frameworks(tmp_path, name):
     model = torch_model(fields)
     ids = tokens(B, T, fields["vocab_size"])
     checkpoint.save_model(tmp_path / "from_torch", model.config, model_params(model))
-    config, params, _ = jm.load_model(tmp_path / "from_torch")
+    config, params, _ = jm.load_params(tmp_path / "from_torch")
     ref = model(torch.from_numpy(ids).long()).detach().numpy()
     assert np.abs(np.asarray(jm.jit_forward(config)(params, jnp.asarray(ids))) - ref).max() <= 1e-5
 
     jax_params = jm.init_params(model.config, jax.random.PRNGKey(3))
     jm.save_model(tmp_path / "from_jax", model.config, jax_params)
-    config, flat = checkpoint.load_model(tmp_path / "from_jax")
+    config, flat = checkpoint.load_weights(tmp_path / "from_jax")
     back = model_from_params(config, flat).eval()
     expected = np.asarray(jm.jit_forward(model.config)(jax_params, jnp.asarray(ids)))
     assert np.abs(back(torch.from_numpy(ids).long()).detach().numpy() - expected).max() <= 1e-5

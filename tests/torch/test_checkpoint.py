@@ -43,6 +43,6 @@ def test_other_architecture_is_a_clear_error(tmp_path):
     checkpoint.save_run(tmp_path, CFG, None, model_params(Transformer(CFG)))
     other = dataclasses.replace(CFG, n_kv_heads=4)
     with pytest.raises(checkpoint.CheckpointError, match="another architecture"):
-        checkpoint.load_model(tmp_path, other)
+        checkpoint.load_weights(tmp_path, other)
     with pytest.raises(checkpoint.CheckpointError, match="not found"):
-        checkpoint.load_model(tmp_path / "nope")
+        checkpoint.load_weights(tmp_path / "nope")

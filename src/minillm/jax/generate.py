@@ -29,7 +29,7 @@ import numpy as np
 from minillm.config import ModelConfig, cache_length
 from minillm.jax.beam import beam_search
 from minillm.jax.kv_cache import bucket_length, make_cache, pad_prompts
-from minillm.jax.model import Params, config_json, forward_cached, load_model
+from minillm.jax.model import Params, config_json, forward_cached, load_params
 from minillm.jax.sampling import SamplingConfig, mask_padded_vocab, sample_next
 from minillm.tokenizer.stream import StopChecker, special_ids
 
@@ -177,7 +177,7 @@ def sample_texts(run_dir, prompt: str, num_samples: int = 1, max_new_tokens: int
     framework); returns the continuations as text, each cut at eos or the first stop string.
     An empty prompt starts from the tokenizer's bos token, as the PyTorch `minillm sample` does.
     Beam search is deterministic: its one result is repeated num_samples times."""
-    config, params, tokenizer = load_model(run_dir)
+    config, params, tokenizer = load_params(run_dir)
     if tokenizer is None:
         raise ValueError(f"run directory {run_dir} has no tokenizer.json; text generation needs one")
     ids = tokenizer.encode(prompt) if prompt else []

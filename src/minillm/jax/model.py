@@ -162,7 +162,7 @@ def save_model(run_dir: str | Path, config: ModelConfig, params: Params,
     checkpoint.save_model(run_dir, config, params_to_canonical(params), extra_config)
 
 
-def load_model(run_dir: str | Path):
+def load_params(run_dir: str | Path):
     """run directory -> (config, params, tokenizer or None), ready for `forward` / `generate`."""
     config, tokenizer, flat = checkpoint.load_run(run_dir)
     return config, params_from_canonical(flat, config), tokenizer
