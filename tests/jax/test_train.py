@@ -117,6 +117,12 @@ def test_torch_trained_model_samples_identically_in_jax(tmp_path, data_dir):
     assert [r["step"] for r in resumed][-3:] == [12, 13, 14]
     # continues where torch stopped, not from scratch
     assert abs(resumed[-2]["train_loss"] - last_torch["train_loss"]) < 0.3
+    # and back: PyTorch resumes the state the JAX trainer wrote
+    back = ["train", "--config", config, "--backend", "torch", "--resume", "--quiet", "--set", "max_steps=16"]
+    assert cli(back) == 0
+    rows = [r for r in _rows(tmp_path / "torchrun") if r.get("train_loss") is not None]
+    assert [r["step"] for r in rows][-4:] == [13, 14, 15, 16]
+    assert abs(rows[-2]["train_loss"] - resumed[-1]["train_loss"]) < 0.3
 
 
 def _assert_same_greedy(run):
