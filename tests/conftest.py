@@ -102,3 +102,30 @@ def perturbed_torch_model(config, scale: float = 0.1, seed: int = 0):
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     return model
+
+
+# --- training runs ---------------------------------------------------------------------------------------
+def prepare_char_data(root, text: str):
+    """A character-level data directory of `text` under root, as `minillm prepare` writes it."""
+    from minillm.cli import main as cli
+
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    assert cli(["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out",
+                str(root / "char")]) == 0
+    return root / "char"
+
+
+def train_cmd(config, *extra: str) -> list[str]:
+    """`minillm train --config config --quiet ...` as a command for a subprocess."""
+    import sys
+
+    return [sys.executable, "-m", "minillm.cli", "train", "--config", str(config), "--quiet", *extra]
+
+
+def train_losses(run) -> dict[int, float]:
+    """step -> train loss, from a run directory's metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
+

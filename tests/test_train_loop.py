@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from minillm.cli import main as cli
 from minillm.config import ModelConfig, TrainConfig
 from minillm.train_loop import NonFiniteLoss, run_loop
 from minillm.viz.metrics import MetricsLog
+from tests.conftest import prepare_char_data, train_cmd, train_losses
 
 
 class FakeClock:
@@ -186,12 +186,7 @@ BACKENDS = ["torch", pytest.param("jax", marks=NEEDS_JAX)]
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loopdata")
-    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    args = ["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out",
-            str(root / "char")]
-    assert cli(args) == 0
-    return root / "char"
+    return prepare_char_data(tmp_path_factory.mktemp("loopdata"), TEXT)
 
 
 def _config(tmp_path: Path, data: Path, backend: str, steps: int) -> Path:
@@ -201,13 +196,6 @@ def _config(tmp_path: Path, data: Path, backend: str, steps: int) -> Path:
     return p
 
 
-def _train_cmd(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "minillm.cli", "train", "--config", str(cfg), "--quiet", *extra]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
 
 
 # bf16: autocast, what dtype "auto" picks on CPUs with native bf16
@@ -218,8 +206,8 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir, backend, dtype):
     weights. Dropout is on, so the resume must restore the RNG state (JAX: the PRNG key) too."""
     runs = {name: _config(tmp_path / name, data_dir, backend, steps=30) for name in ("straight", "killed")}
     dtype_set = ("--set", f'dtype="{dtype}"')
-    subprocess.run(_train_cmd(runs["straight"], *dtype_set), check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(_train_cmd(runs["killed"], *dtype_set), stdout=subprocess.DEVNULL,
+    subprocess.run(train_cmd(runs["straight"], *dtype_set), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(train_cmd(runs["killed"], *dtype_set), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "run" / "trainer_state.json"
     try:
@@ -231,9 +219,9 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir, backend, dtype):
         proc.wait()
     k = json.loads(state.read_text())["step"]
     assert 0 < k < 30, f"the kill should land mid-run (checkpoint at step {k})"
-    subprocess.run(_train_cmd(runs["killed"], "--resume", *dtype_set), check=True, capture_output=True,
+    subprocess.run(train_cmd(runs["killed"], "--resume", *dtype_set), check=True, capture_output=True,
                    timeout=300)
-    a, b = _losses(tmp_path / "straight" / "run"), _losses(tmp_path / "killed" / "run")
+    a, b = train_losses(tmp_path / "straight" / "run"), train_losses(tmp_path / "killed" / "run")
     assert sorted(a) == sorted(b) == list(range(1, 31))
     assert all(a[s] == b[s] for s in a), "loss sequences differ"
     from safetensors.numpy import load_file
@@ -245,7 +233,7 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir, backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir, backend):
     cfg = _config(tmp_path, data_dir, backend, steps=50)
-    res = subprocess.run(_train_cmd(cfg, "--set", "lr=1e9", "--set", "min_lr=1e9", "--set", "grad_clip=0"),
+    res = subprocess.run(train_cmd(cfg, "--set", "lr=1e9", "--set", "min_lr=1e9", "--set", "grad_clip=0"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "Last good checkpoint" in res.stderr, res.stderr[-2000:]
@@ -260,7 +248,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(tmp_path, data_dir, backend, sig):
     cfg = _config(tmp_path, data_dir, backend, steps=100000)
-    proc = subprocess.Popen(_train_cmd(cfg, "--set", "checkpoint_interval=100000"),
+    proc = subprocess.Popen(train_cmd(cfg, "--set", "checkpoint_interval=100000"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"

@@ -19,6 +19,7 @@ from minillm.jax.train import Trainer  # noqa: E402
 from minillm.torch.generate import generate as torch_generate  # noqa: E402
 from minillm.torch.model import load_model as torch_load_model  # noqa: E402
 from minillm.train_loop import train  # noqa: E402
+from tests.conftest import prepare_char_data  # noqa: E402
 
 CORPUS = "".join(f"{a} sees {b} by the {c}.\n" for a in ("Anne", "Bob", "Cleo")
                  for b in ("sea", "hill", "moon") for c in ("gate", "tower", "river", "bridge")) * 3
@@ -51,12 +52,7 @@ mlp = "swiglu"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jaxdata")
-    (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-    args = ["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out",
-            str(root / "char")]
-    assert cli(args) == 0
-    return root / "char"
+    return prepare_char_data(tmp_path_factory.mktemp("jaxdata"), CORPUS)
 
 
 def _config(tmp_path, data_dir, out: str):

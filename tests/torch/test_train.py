@@ -20,6 +20,7 @@ from minillm.config import load_train_config
 from minillm.schedule import lr_at
 from minillm.torch.model import next_token_loss
 from minillm.torch.train import Trainer, resolve_dtype
+from tests.conftest import prepare_char_data, train_cmd, train_losses
 
 TEXT = "".join(
     f"{name}:\nI pray thee, {verb} the {noun} of {place}; for thus the {noun} doth {verb}.\n\n"
@@ -56,12 +57,7 @@ dropout = 0.1
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
-    args = ["prepare", "--source", str(root / "corpus.txt"), "--tokenizer", "char", "--out",
-            str(root / "char")]
-    assert cli(args) == 0
-    return root / "char"
+    return prepare_char_data(tmp_path_factory.mktemp("data"), TEXT)
 
 
 def _config(tmp_path: Path, data: Path, out: str, steps: int = 40) -> Path:
@@ -70,13 +66,6 @@ def _config(tmp_path: Path, data: Path, out: str, steps: int = 40) -> Path:
     return p
 
 
-def _train_cmd(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "minillm.cli", "train", "--config", str(cfg), "--quiet", *extra]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
 
 
 def test_run_directory_and_step0_loss(tmp_path, data_dir, capsys):
@@ -134,13 +123,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, data_dir):
     ddp = _config(tmp_path, data_dir, "ddp", steps=6)
     # fp32: for the tolerance
     common = ["--set", "model.dropout=0.0", "--set", "eval_interval=3", "--set", 'dtype="float32"']
-    subprocess.run(_train_cmd(single, *common), check=True, capture_output=True)
+    subprocess.run(train_cmd(single, *common), check=True, capture_output=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "minillm.cli", "train", "--config", str(ddp), "--quiet", *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    a, b = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
     wa, wb = (load_file(tmp_path / run / "model.safetensors") for run in ("single", "ddp"))
