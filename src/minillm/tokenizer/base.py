@@ -1,18 +1,16 @@
 """The tokenizer interface shared by every tokenizer: special tokens, encode/decode, JSON save/load.
 
-A tokenizer maps text to a list of integer ids and back. Subclasses (`CharTokenizer`,
-`BPETokenizer`) supply three things: how ordinary text becomes ids (`_encode_ordinary`), the
-UTF-8 bytes of each id (`token_bytes`), and a JSON-able description of themselves (`to_dict`).
-Everything else lives here once:
+Subclasses (`CharTokenizer`, `BPETokenizer`) supply how ordinary text becomes ids
+(`_encode_ordinary`), the UTF-8 bytes of each id (`token_bytes`) and a JSON-able description of
+themselves (`to_dict`). Everything else lives here once:
 
 - **Special tokens** (`bos`, `eos`, `pad` and the chat roles) are appended after the ordinary
   vocabulary. Following tiktoken, a special-token string inside ordinary text is encoded as
   ordinary text unless the caller allows it via `allowed_special`; an allowed special token is
   always exactly one id. This is what keeps user-typed "<|user|>" from forging a chat turn.
-- **Decoding** joins token bytes and decodes them as UTF-8, so a byte-level id sequence that cuts
-  a character in half decodes to U+FFFD instead of raising.
-- **Streaming decoding** (`StreamDecoder`) holds back the bytes of an unfinished UTF-8 character
-  until the next token completes it, so a chat UI never prints a broken character.
+- **Decoding** joins token bytes and decodes them as UTF-8: an id sequence that cuts a character
+  in half decodes to U+FFFD instead of raising, and `StreamDecoder` holds back the bytes of an
+  unfinished character until the next token completes it, so a chat UI never prints half of one.
 - **Files** are JSON (never pickle) with a `"type"` field, written atomically.
 """
 
@@ -41,10 +39,7 @@ FORMAT_VERSION = 1
 
 
 class Tokenizer:
-    """Base class: special tokens, `encode`/`decode`, streaming decode and JSON save/load.
-
-    `special_tokens` maps each special-token string (e.g. "<|eos|>") to its id.
-    """
+    """Base class; `special_tokens` maps each special-token string (e.g. "<|eos|>") to its id."""
 
     type_name: ClassVar[str] = ""  # the "type" field of the saved JSON
 
@@ -81,8 +76,7 @@ class Tokenizer:
     # --- special tokens -----------------------------------------------------------------------
     def _add_special_tokens(self, first_id: int) -> None:
         """Give every special token in `SPECIAL_TOKENS` an id, starting at `first_id`."""
-        self.special_tokens = {s: first_id + i for i, s in enumerate(SPECIAL_TOKENS.values())}
-        self._special_by_id = {i: s for s, i in self.special_tokens.items()}
+        self._set_special_tokens({s: first_id + i for i, s in enumerate(SPECIAL_TOKENS.values())})
 
     def _set_special_tokens(self, special_tokens: dict[str, int]) -> None:
         self.special_tokens = dict(special_tokens)
@@ -112,11 +106,8 @@ class Tokenizer:
         return allowed
 
     def encode(self, text: str, allowed_special: str | Iterable[str] = "none") -> list[int]:
-        """Text -> ids.
-
-        `allowed_special` is "none" (default: special-token strings are ordinary text), "all", or
-        a collection of special-token names/strings that become single ids where they occur.
-        """
+        """Text -> ids. `allowed_special` is "none" (default: special-token strings are ordinary
+        text), "all", or a collection of special-token names/strings that become single ids."""
         allowed = self._allowed(allowed_special)
         if not allowed:
             return self._encode_ordinary(text)
@@ -145,8 +136,7 @@ class Tokenizer:
         _write_json(path, self.to_dict())
 
     def save_hf(self, path: str | os.PathLike) -> None:
-        """Export to Hugging Face `tokenizers` JSON; `tokenizers.Tokenizer.from_file` then gives
-        the same ids (see `minillm.tokenizer.hf` for the documented differences)."""
+        """Export to Hugging Face `tokenizers` JSON, which gives the same ids (but see `tokenizer.hf`)."""
         _write_json(path, self.hf_dict())
 
     @classmethod
@@ -158,9 +148,8 @@ class Tokenizer:
     def from_file_dict(cls, data: dict[str, Any], source: str) -> "Tokenizer":
         """`from_dict` after checking the `"type"` field; `source` names the file in errors."""
         if data.get("type") != cls.type_name:
-            raise ValueError(
-                f"{source}: expected a {cls.type_name!r} tokenizer, found type {data.get('type')!r}"
-            )
+            found = data.get("type")
+            raise ValueError(f"{source}: expected a {cls.type_name!r} tokenizer, found type {found!r}")
         return cls.from_dict(data)
 
 
@@ -171,10 +160,9 @@ def _write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
 class StreamDecoder:
     """Decode ids incrementally without ever emitting half a UTF-8 character.
 
-    A byte-level token can end in the middle of a multi-byte character (an emoji is 4 bytes and
-    may span several tokens). Python's incremental UTF-8 decoder buffers such a tail until the
-    next bytes complete it, so `"".join(push(chunk) for chunk in chunks) + flush()` equals
-    `tokenizer.decode(all_ids)`.
+    A byte-level token can end inside a multi-byte character (an emoji is 4 bytes and may span
+    several tokens); Python's incremental UTF-8 decoder buffers such a tail until the next bytes
+    complete it, so `"".join(push(chunk) for chunk in chunks) + flush()` == `decode(all_ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import regex
 
 from minillm.tokenizer.base import FORMAT_VERSION, SPECIAL_TOKENS, Tokenizer
-from minillm.tokenizer.hf import bpe_from_hf, bpe_to_hf
+from minillm.tokenizer.hf import Pair, bpe_from_hf, bpe_to_hf
 
 # The split patterns of GPT-2 and of GPT-4 (tiktoken's cl100k_base); public constants.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -43,7 +43,6 @@ GPT4_SPLIT_PATTERN = (
 )
 SPLIT_PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN}
 
-Pair = tuple[int, int]
 CACHE_SIZE = 1 << 18  # chunks remembered by encode; cleared when full (bounded memory)
 
 
@@ -66,12 +65,9 @@ def merge_pair(ids: list[int], pair: Pair, new_id: int) -> list[int]:
 
 
 def learn_merges_naive(chunk_counts: dict[str, int], n_merges: int) -> list[Pair]:
-    """The textbook trainer (minbpe's basic.py): count every adjacent pair, merge the most
-    frequent, repeat. Same arguments and same merges as `learn_merges` below, but each merge
+    """The textbook trainer (minbpe's basic.py): the merges of `learn_merges` below, but every merge
     recounts the whole corpus: O(n_merges x corpus), fine for a lesson, too slow for real text.
-
-    `chunk_counts` maps each pre-split chunk to how often it occurs (a chunk's pairs count that
-    many times); merges never cross a chunk boundary.
+    `chunk_counts` maps each pre-split chunk to how often it occurs (its pairs count that often).
     """
     words = [(list(chunk.encode("utf-8")), count) for chunk, count in chunk_counts.items()]
     merges: list[Pair] = []
@@ -98,11 +94,8 @@ def count_chunks(texts: Iterable[str], pattern: str) -> Counter[str]:
 
 
 def learn_merges(chunk_counts: dict[str, int], n_merges: int) -> list[Pair]:
-    """Learn up to `n_merges` merges from chunk -> count (fewer if no pair is left).
-
-    The fast trainer: the merges of `learn_merges_naive`, with incremental pair counts and a heap
-    (steps 2 and 3 of the module docstring) instead of a full recount per merge.
-    """
+    """Learn up to `n_merges` merges from chunk -> count (fewer if no pair is left): the fast trainer,
+    with incremental pair counts and a heap (steps 2 and 3 of the module docstring)."""
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     counts = list(chunk_counts.values())
     pair_counts: dict[Pair, int] = {}
@@ -130,9 +123,8 @@ def learn_merges(chunk_counts: dict[str, int], n_merges: int) -> list[Pair]:
     return merges
 
 
-def _apply_merge(
-    words: list[list[int]], counts: list[int], where: dict[Pair, set[int]], pair: Pair, new_id: int
-) -> dict[Pair, int]:
+def _apply_merge(words: list[list[int]], counts: list[int], where: dict[Pair, set[int]], pair: Pair,
+                 new_id: int) -> dict[Pair, int]:
     """Merge `pair` in the words that contain it; return the change in each pair's count."""
     delta: dict[Pair, int] = {}
     for w in where.pop(pair, ()):
@@ -188,9 +180,8 @@ class BPETokenizer(Tokenizer):
         """
         n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if n_merges < 0:
-            raise ValueError(
-                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)"
-            )
+            smallest = 256 + len(SPECIAL_TOKENS)
+            raise ValueError(f"vocab_size must be at least {smallest} (bytes + special tokens)")
         texts = [text_or_iter] if isinstance(text_or_iter, str) else text_or_iter
         self._set_merges(learn_merges(count_chunks(texts, self.pattern), n_merges))
         return self
@@ -232,13 +223,8 @@ class BPETokenizer(Tokenizer):
         raise ValueError(f"token id {token_id} out of range (vocab_size={self.vocab_size})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type_name,
-            "version": FORMAT_VERSION,
-            "pattern": self.pattern,
-            "merges": [list(m) for m in self.merges],
-            "special_tokens": self.special_tokens,
-        }
+        return {"type": self.type_name, "version": FORMAT_VERSION, "pattern": self.pattern,
+                "merges": [list(m) for m in self.merges], "special_tokens": self.special_tokens}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BPETokenizer":

@@ -39,21 +39,17 @@ class CharTokenizer(Tokenizer):
         self._add_special_tokens(len(chars) + (1 if unk else 0))
 
     def train(self, text_or_iter: str | Iterable[str], vocab_size: int | None = None) -> "CharTokenizer":
-        """Build the vocabulary from the characters of a string or an iterable of strings.
-
-        `vocab_size` does not apply (the corpus decides it); it is accepted so that both
-        tokenizers train through the same call, and if given it must be large enough.
-        Returns `self`.
-        """
+        """Build the vocabulary from the characters of a string or an iterable of strings; returns
+        `self`. `vocab_size` is accepted so that both tokenizers train through the same call (the
+        corpus decides the size; if given, it must be large enough)."""
         texts = [text_or_iter] if isinstance(text_or_iter, str) else text_or_iter
         seen: set[str] = set()
         for text in texts:
             seen.update(text)
         self._build(sorted(seen), self.unk_id is not None)
         if vocab_size is not None and vocab_size < self.vocab_size:
-            raise ValueError(
-                f"corpus needs {self.vocab_size} char ids (specials included), vocab_size={vocab_size}"
-            )
+            raise ValueError(f"corpus needs {self.vocab_size} char ids (specials included), "
+                             f"vocab_size={vocab_size}")
         return self
 
     @property
@@ -69,11 +65,9 @@ class CharTokenizer(Tokenizer):
         for position, c in enumerate(text):
             i = self.stoi.get(c, self.unk_id)
             if i is None:
-                raise ValueError(
-                    f"character {c!r} (U+{ord(c):04X}) at position {position} is not in the "
-                    "vocabulary of this CharTokenizer "
-                    "(build it with unk=True to map unknown characters to <unk>)"
-                )
+                raise ValueError(f"character {c!r} (U+{ord(c):04X}) at position {position} is not in the "
+                                 "vocabulary of this CharTokenizer (build it with unk=True to map unknown "
+                                 "characters to <unk>)")
             ids.append(i)
         return ids
 
@@ -95,13 +89,8 @@ class CharTokenizer(Tokenizer):
         return "".join(self._token_text(int(i)) for i in ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type_name,
-            "version": FORMAT_VERSION,
-            "chars": self.chars,
-            "unk": self.unk_id is not None,
-            "special_tokens": self.special_tokens,
-        }
+        return {"type": self.type_name, "version": FORMAT_VERSION, "chars": self.chars,
+                "unk": self.unk_id is not None, "special_tokens": self.special_tokens}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CharTokenizer":

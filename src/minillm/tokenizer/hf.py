@@ -1,9 +1,8 @@
 """Export to and import from the Hugging Face `tokenizers` JSON format (`tokenizer.json`).
 
-Plain dicts in, plain dicts out: the functions here take a tokenizer's parts (byte vocabulary,
-merges, split pattern, special tokens) and return the `tokenizer.json` content, or the reverse.
-`BPETokenizer` and `CharTokenizer` call them; this module imports neither. Nothing here imports
-`tokenizers` either: the format is plain JSON, so exporting needs no extra package.
+Plain dicts in and out: a tokenizer's parts (byte vocabulary, merges, split pattern, special
+tokens) <-> the `tokenizer.json` content. `BPETokenizer` and `CharTokenizer` call these functions;
+this module imports neither, nor `tokenizers` (the format is plain JSON: no extra package needed).
 
 How our byte-level BPE is expressed in HF's pipeline, so that `Tokenizer.from_file` gives our ids:
 - pre-tokenizer = Split(our regex, "Isolated") then ByteLevel(use_regex=False): first the same
@@ -53,22 +52,13 @@ def _added_tokens(special_tokens: dict[str, int]) -> list[dict[str, Any]]:
 
 def _tokenizer_json(special_tokens: dict[str, int], pre_tokenizer: dict, decoder: dict, model: dict) -> dict:
     """The frame every HF tokenizer.json has, around our pre-tokenizer, decoder and model."""
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": _added_tokens(special_tokens),
-        "normalizer": None,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,
-        "decoder": decoder,
-        "model": model,
-    }
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": _added_tokens(special_tokens), "normalizer": None, "pre_tokenizer": pre_tokenizer,
+            "post_processor": None, "decoder": decoder, "model": model}
 
 
-def bpe_to_hf(
-    vocab: list[bytes], merges: list[Pair], pattern: str, special_tokens: dict[str, int]
-) -> dict[str, Any]:
+def bpe_to_hf(vocab: list[bytes], merges: list[Pair], pattern: str,
+              special_tokens: dict[str, int]) -> dict[str, Any]:
     """HF `tokenizer.json` content for a byte-level BPE: `vocab[i]` are the bytes of id i."""
     byte_char = bytes_to_unicode()
     names = ["".join(byte_char[b] for b in token) for token in vocab]
@@ -76,24 +66,15 @@ def bpe_to_hf(
     for i, name in enumerate(names):
         if name in name_to_id:
             # Two merge paths built the same bytes; HF's vocabulary (string -> id) cannot hold both.
-            raise ValueError(
-                f"ids {name_to_id[name]} and {i} are the same bytes {vocab[i]!r}; not expressible in HF BPE"
-            )
+            raise ValueError(f"ids {name_to_id[name]} and {i} are the same bytes {vocab[i]!r}; "
+                             "not expressible in HF BPE")
         name_to_id[name] = i
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
-    model = {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": False,
-        "byte_fallback": False,
-        "ignore_merges": False,
-        "vocab": name_to_id,
-        "merges": [[names[a], names[b]] for a, b in merges],
-    }
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+             "ignore_merges": False,  # merge by rank even when a whole chunk is in the vocabulary
+             "vocab": name_to_id, "merges": [[names[a], names[b]] for a, b in merges]}
     pre_tokenizer = {"type": "Sequence", "pretokenizers": [split, byte_level]}
     return _tokenizer_json(special_tokens, pre_tokenizer, byte_level, model)
 
@@ -103,14 +84,12 @@ def _hf_pattern(data: dict[str, Any], source: str) -> str:
     for step in pre.get("pretokenizers", [pre]):
         if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
             return step["pattern"]["Regex"]
-    raise ValueError(
-        f"{source}: no Split(Regex) pre-tokenizer; only byte-level BPE files written by save_hf load"
-    )
+    raise ValueError(f"{source}: no Split(Regex) pre-tokenizer; "
+                     "only byte-level BPE files written by save_hf load")
 
 
-def bpe_from_hf(
-    data: dict[str, Any], source: str = "tokenizer.json"
-) -> tuple[str, list[Pair], dict[str, int]]:
+def bpe_from_hf(data: dict[str, Any],
+                source: str = "tokenizer.json") -> tuple[str, list[Pair], dict[str, int]]:
     """HF `tokenizer.json` content of the shape `bpe_to_hf` writes -> (pattern, merges, special_tokens).
 
     Requires ids 0..255 to be the single bytes and merge k to create id 256 + k (our convention);
@@ -134,9 +113,8 @@ def bpe_from_hf(
     return _hf_pattern(data, source), merges, specials
 
 
-def char_to_hf(
-    chars: list[str], special_tokens: dict[str, int], unk_token: str, unk_id: int | None
-) -> dict[str, Any]:
+def char_to_hf(chars: list[str], special_tokens: dict[str, int], unk_token: str,
+               unk_id: int | None) -> dict[str, Any]:
     """HF `tokenizer.json` content for a character tokenizer: one piece per character, WordLevel model.
 
     Unknown characters map to `unk_token` in HF; ours raise unless built with an `unk_id`.

@@ -1,9 +1,6 @@
-"""What every generation loop (PyTorch, JAX, the CLI) does with the ids it produces,
-framework-free: turn them into text as they come, stop at a stop string, look up special-token ids.
-
-- `StopChecker`: has one row's decoded text come to contain a stop string? Fed one id at a time.
-- `text_pieces`: ids -> text pieces, never half a UTF-8 character, ending before a stop string.
-- `special_ids`: the ids of named special tokens (eos, bos, user ...) a tokenizer has.
+"""What every generation loop (PyTorch, JAX, the CLI) does with the ids it produces, framework-free:
+turn them into text as they come (`text_pieces`), stop at a stop string (`StopChecker`), and look
+up the ids of named special tokens (`special_ids`).
 """
 
 from __future__ import annotations
