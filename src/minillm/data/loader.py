@@ -12,9 +12,7 @@
 - Data parallelism (DESIGN principle 6): `batch_size` is the *global* batch. Every rank draws the
   same global offsets and keeps its own `batch_size // world_size` rows, so the data a step sees
   is the same whatever the number of ranks, and no two ranks get the same rows.
-- Evaluation (`eval_batches`): consecutive non-overlapping windows from the start of a token
-  array, so every evaluation sees the same tokens (`minillm.torch.evaluate.perplexity` uses it).
-- `read_meta` is the one reader of a data directory's `meta.json`, `read_tokens` opens a split.
+- Evaluation (`eval_batches`): consecutive windows from the start, the same ones every time.
 """
 
 from __future__ import annotations
@@ -28,17 +26,12 @@ import numpy as np
 from minillm.files import read_json
 
 Batch = tuple[np.ndarray, np.ndarray]  # (x, y), each (B, T) int64
-
-
 TOKEN_DTYPES = ("uint16", "uint32")  # what `prepare` writes (see `minillm.data.prepare.token_dtype`)
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `meta.json` of a prepared data directory, with its `dtype` and `vocab_size` checked.
-
-    Errors are one line naming the file: FileNotFoundError when the directory was never prepared,
-    ValueError for a file that is not JSON or lacks a usable field.
-    """
+    """The `meta.json` of a prepared data directory, `dtype` and `vocab_size` checked. Errors are one
+    line naming the file: FileNotFoundError if never prepared, ValueError if not JSON or a field is bad."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run prepare() on a source into {data_dir} first")
@@ -67,16 +60,8 @@ class BatchLoader:
     >>> state = loader.state_dict()     # {"seed": 0, "step": 1}; save it with the checkpoint
     """
 
-    def __init__(
-        self,
-        data_dir: str | os.PathLike,
-        block_size: int,
-        batch_size: int,
-        split: str = "train",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, data_dir: str | os.PathLike, block_size: int, batch_size: int, split: str = "train",
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size % world_size:
             raise ValueError(f"global batch_size {batch_size} must be divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
@@ -85,9 +70,8 @@ class BatchLoader:
         self.dtype = np.dtype(read_meta(data_dir)["dtype"])
         self.n_tokens = os.path.getsize(self.path) // self.dtype.itemsize
         if self.n_tokens < block_size + 1:
-            raise ValueError(
-                f"{self.path} has {self.n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}"
-            )
+            raise ValueError(f"{self.path} has {self.n_tokens} tokens, "
+                             f"fewer than block_size + 1 = {block_size + 1}")
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.step = seed, 0
@@ -104,13 +88,9 @@ class BatchLoader:
         """The next (x, y) batch for this rank, each (batch_size // world_size, block_size) int64."""
         data = np.memmap(self.path, dtype=self.dtype, mode="r")  # re-opened per batch: flat memory
         windows = np.stack([data[s : s + self.block_size + 1] for s in self.offsets(self.step)])
-        windows = windows.astype(np.int64)
+        windows = windows.astype(np.int64)  # (B, T + 1)
         self.step += 1
         return windows[:, :-1], windows[:, 1:]
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: restoring it replays exactly the same batches."""
@@ -121,15 +101,8 @@ class BatchLoader:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 
-def eval_batches(
-    tokens: np.ndarray,
-    block_size: int,
-    batch_size: int,
-    max_batches: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    tail: bool = False,
-) -> Iterator[Batch]:
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int | None = None,
+                 rank: int = 0, world_size: int = 1, tail: bool = False) -> Iterator[Batch]:
     """Consecutive, non-overlapping (x, y) windows of a 1-D token array, always the same ones.
 
     Window i covers tokens [i*T, (i+1)*T] (T = block_size; y overlaps the next window's x by one

@@ -1,8 +1,7 @@
 """`prepare`: text source -> tokenizer -> `train.bin` / `val.bin` token files + `meta.json`.
 
 Output directory:
-- `train.bin`, `val.bin`: the token ids as a flat array, `uint16` when the vocabulary fits in
-  16 bits, else `uint32` (read them with `np.memmap(path, dtype=meta["dtype"])`);
+- `train.bin`, `val.bin`: the token ids as a flat array of `meta["dtype"]` (see `token_dtype`);
 - `tokenizer.json`: the tokenizer (`minillm.tokenizer.load_tokenizer` reads it);
 - `meta.json`: tokenizer settings, vocabulary size, dtype, token counts, the split rule and the
   source checksum. It is written last, so its presence means the directory is complete.
@@ -13,10 +12,9 @@ validation, cut at the first line break after `(1 - val_fraction)` of the docume
 so validation covers every play and not just the last one. Each document part ends with the
 `eos` id, so the model learns where documents end.
 
-Both passes stream: the tokenizer trains from blocks of text, then each ~1 MB block is encoded
-and appended to the output, so memory stays flat however large the corpus. All files are
-written to temporary names and renamed into place (`os.replace`), so an interrupted run leaves
-no half-written file that a later run could mistake for a finished one.
+Both passes stream (the tokenizer trains from blocks of text, then each ~1 MB block is encoded
+and appended), so memory stays flat. Every file is written under a temporary name and renamed
+into place, so an interrupted run leaves no half-written file that looks finished.
 """
 
 from __future__ import annotations
@@ -68,9 +66,8 @@ def split_document(doc: Document, val_fraction: float) -> Iterator[tuple[str, st
         yield "val", data[newline + 1 :].decode("utf-8")
 
 
-def _tokenizer_settings(
-    tokenizer: str | Tokenizer | os.PathLike, vocab_size: int | None, pattern: str
-) -> dict[str, Any]:
+def _tokenizer_settings(tokenizer: str | Tokenizer | os.PathLike, vocab_size: int | None,
+                        pattern: str) -> dict[str, Any]:
     """What decides the tokenizer: part of the idempotency key in meta.json."""
     if isinstance(tokenizer, Tokenizer):
         blob = json.dumps(tokenizer.to_dict(), sort_keys=True).encode()
@@ -118,8 +115,7 @@ def _write_tokens(tok: Tokenizer, source: Source, files: dict[str, BinaryIO], dt
     """Encode every document into the split files; return token counts per split and documents."""
     counts = {"train": 0, "val": 0, "documents": 0}
     eos = tok.eos_id
-    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress)
-    with bar:
+    with tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
         for doc in source.documents():
             counts["documents"] += 1
             ended = {"train": False, "val": False}
@@ -156,16 +152,10 @@ def _write_splits(tok: Tokenizer, src: Source, out: Path, dtype: np.dtype, val_f
     return counts
 
 
-def prepare(
-    source: str | Source,
-    out_dir: str | os.PathLike,
-    tokenizer: str | Tokenizer | os.PathLike = "char",
-    vocab_size: int | None = None,
-    pattern: str = "gpt4",
-    val_fraction: float = 0.1,
-    force: bool = False,
-    progress: bool | None = None,
-) -> dict[str, Any]:
+def prepare(source: str | Source, out_dir: str | os.PathLike,
+            tokenizer: str | Tokenizer | os.PathLike = "char", vocab_size: int | None = None,
+            pattern: str = "gpt4", val_fraction: float = 0.1, force: bool = False,
+            progress: bool | None = None) -> dict[str, Any]:
     """Tokenize a text source into `out_dir` (train.bin, val.bin, tokenizer.json, meta.json).
 
     source: "shakespeare", a .txt/.jsonl file, directory or glob, "hf:<dataset>", or a `Source`.
@@ -182,12 +172,9 @@ def prepare(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     src = get_source(source)
     out = Path(out_dir)
-    settings = {
-        "version": META_VERSION,
-        "source_checksum": src.checksum(),
-        "tokenizer": _tokenizer_settings(tokenizer, vocab_size, pattern),
-        "val_fraction": val_fraction,
-    }
+    settings = {"version": META_VERSION, "source_checksum": src.checksum(),
+                "tokenizer": _tokenizer_settings(tokenizer, vocab_size, pattern),
+                "val_fraction": val_fraction}
     meta = None if force else _is_up_to_date(out, settings)
     if meta is not None:
         print(f"{out}: already prepared from {src.name} with these settings; nothing to do", file=sys.stderr)
@@ -208,21 +195,14 @@ def prepare(
     return meta
 
 
-def _meta(
-    settings: dict[str, Any], src: Source, tok: Tokenizer, dtype: np.dtype, counts: dict[str, int]
-) -> dict[str, Any]:
+def _meta(settings: dict[str, Any], src: Source, tok: Tokenizer, dtype: np.dtype,
+          counts: dict[str, int]) -> dict[str, Any]:
     """The content of meta.json: what was prepared, how, and how many tokens came out."""
     val_fraction = settings["val_fraction"]
     return {
-        "settings": settings,
-        "source": src.name,
-        "tokenizer": tok.type_name,
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "documents": counts["documents"],
-        "eos_id": tok.eos_id,
+        "settings": settings, "source": src.name, "tokenizer": tok.type_name, "vocab_size": tok.vocab_size,
+        "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
+        "documents": counts["documents"], "eos_id": tok.eos_id,
         "split": f"last {val_fraction:.0%} of each document (from the first line break after "
         f"{1 - val_fraction:.0%} of its UTF-8 bytes) is val; each document part ends with eos",
     }

