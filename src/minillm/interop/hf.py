@@ -6,9 +6,7 @@ Two families map exactly:
   `c_attn` of width 3*D, which we split.
 - LLaMA (`LlamaForCausalLM`): RMSNorm, RoPE (rotate-half, the same layout as ours, so no
   permutation), SwiGLU, grouped-query attention. Names map one to one.
-
-`to_transformers(model_or_state, config)` builds the HF model; `from_transformers(hf_model)`
-returns (ModelConfig, canonical state dict). Requires the `hf` extra.
+Requires the `hf` extra (transformers).
 """
 
 from __future__ import annotations
@@ -119,8 +117,7 @@ def to_transformers(model_or_state, config: ModelConfig | None = None):
     """Our Transformer (or a canonical state dict plus its config) -> an HF model with the same weights."""
     import transformers
 
-    if config is None:
-        config = model_or_state.config
+    config = config or model_or_state.config
     sd = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
     kind = family(config)
     if kind == "gpt2":
@@ -161,9 +158,8 @@ def config_from_hf(hf_config_obj) -> ModelConfig:
             raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
         head_dim = getattr(c, "head_dim", None)
         if head_dim is not None and head_dim != c.hidden_size // c.num_attention_heads:
-            raise ValueError(
-                "LLaMA configs with head_dim != hidden_size / num_attention_heads are not supported"
-            )
+            raise ValueError("LLaMA configs with head_dim != hidden_size / num_attention_heads "
+                             "are not supported")
         return ModelConfig(
             vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, d_model=c.hidden_size,
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
