@@ -7,12 +7,11 @@ sum_logprob / length ** length_penalty and joins the finished list, which keeps 
 num_beams. The search stops when no live beam can beat the worst finished one, or (with
 early_stopping=True) as soon as num_beams hypotheses have finished.
 
-This follows the conventions of Hugging Face `transformers` (tested token for token):
-- twice num_beams candidates (more with several eos ids) are ranked, so enough survive even if
-  the best ones all end;
-- only candidates among the top num_beams may finish;
-- the "can a live beam still win" test uses the current length (early_stopping=False) or the
-  maximum length when early_stopping="never" and length_penalty > 0.
+This follows the conventions of Hugging Face `transformers` (tested token for token): twice
+num_beams candidates (more with several eos ids) are ranked, so enough survive even if the best
+ones all end; only candidates among the top num_beams may finish; the "can a live beam still
+win" test uses the current length (early_stopping=False) or the maximum length when
+early_stopping="never" and length_penalty > 0.
 
 The search runs on numpy float32 log-probabilities; the model behind it is a callback, so the
 PyTorch and JAX twins (minillm/torch/beam.py, minillm/jax/beam.py) only run their model.
@@ -67,10 +66,8 @@ def search(logprobs: np.ndarray, extend: Extend, max_new_tokens: int, *, length_
     """The best continuation (new tokens only, ending with eos if it ended there).
 
     logprobs (N, V): the next token's log-probabilities after the prompt, in each of the N =
-    num_beams rows. length_penalty: exponent of the length that divides a finished hypothesis'
-    log-probability (> 0 favours longer outputs, < 0 shorter). early_stopping: True stops once
-    num_beams hypotheses are finished; False stops when the best live beam, at its current
-    length, cannot beat the worst finished one; "never" uses the most favourable length for that test.
+    num_beams rows. length_penalty > 0 favours longer outputs, < 0 shorter. early_stopping: True,
+    False or "never", as the module docstring says.
     """
     N, eos = len(logprobs), np.array(sorted(set(eos_token_ids)), dtype=np.int64)
     n_candidates = max(2, 1 + len(eos)) * N

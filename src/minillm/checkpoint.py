@@ -6,8 +6,7 @@ A run directory holds
   model.safetensors    canonical parameter names -> float32 arrays, PyTorch shapes
   trainer_state.json / trainer_state.safetensors   written by the trainers (optimizer, RNG, data)
   metrics.jsonl, loss.png, best/
-Every write goes to a temporary file that is then renamed over the target, so a crash at any
-moment leaves either the old file or the new one, never half of one.
+Every write is atomic (minillm.files): a crash leaves the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -86,11 +85,10 @@ def check_params(config: ModelConfig, params: dict[str, Any], source: str = "che
     wrong = [f"{k}: {tuple(params[k].shape)} != {expected[k]}" for k in expected
              if k in params and tuple(params[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        parts = [f"missing {missing[:5]}" if missing else "",
-                 f"unexpected {unexpected[:5]}" if unexpected else "",
-                 f"wrong shapes {wrong[:5]}" if wrong else ""]
+        parts = [f"{what} {found[:5]}" for what, found in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong)) if found]
         raise CheckpointError(f"{source} does not match the model config (another architecture?): "
-                              + "; ".join(p for p in parts if p))
+                              + "; ".join(parts))
 
 
 # --- the model part of a run directory -------------------------------------------------------------
@@ -113,7 +111,7 @@ def load_config(run_dir: str | Path) -> ModelConfig:
 
 
 def load_weights(run_dir: str | Path,
-               config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+                 config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config, params) from run_dir; if `config` is given the weights must fit it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -136,15 +134,12 @@ def load_run(run_dir: str | Path):
     """run directory -> (ModelConfig, tokenizer or None, params as numpy arrays)."""
     config, params = load_weights(run_dir)
     tok_path = Path(run_dir) / TOKENIZER_FILE
-    tokenizer = None
-    if tok_path.is_file():
-        tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
     return config, tokenizer, params
 
 
 # --- trainer state: the resume point, shared by the PyTorch and JAX trainers ---------------------
 STATE_FILE = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
 
 
 def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
@@ -154,7 +149,7 @@ def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], sca
     model.safetensors gets the latest weights for sampling and export."""
     run_dir = Path(run_dir)
     save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
-    atomic_write_json(run_dir / STATE_JSON, scalars)
+    atomic_write_json(run_dir / "trainer_state.json", scalars)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     save_tensors(run_dir / MODEL_FILE, weights, metadata={"format": "minillm-1"})
 

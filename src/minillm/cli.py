@@ -1,7 +1,6 @@
-"""`minillm` command line: one subcommand per module in minillm/commands/.
-
-Each command module defines `register(subparsers)`, which adds its parser and sets `func`.
-Modules import their heavy dependencies (torch, jax) inside the command, so `--help` is instant.
+"""`minillm` command line: one subcommand per module in minillm/commands/, whose
+`register(subparsers)` adds its parser and sets `func`. Modules import their heavy dependencies
+(torch, jax) inside the command, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ from minillm.checkpoint import CheckpointError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minillm",
-        description="A small language model from scratch: prepare data, train, sample, chat, evaluate.",
-        epilog="Run `minillm COMMAND --help` for the options of one command.",
-    )
+        prog="minillm", epilog="Run `minillm COMMAND --help` for the options of one command.",
+        description="A small language model from scratch: prepare data, train, sample, chat, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(minillm.commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):

@@ -1,9 +1,6 @@
-"""Configuration as data: one ModelConfig describes every architecture we build.
-
-GPT-2 style and LLaMA style are not subclasses, just different field values. Both frameworks,
-checkpoints, converters and the CLI read the same config. A config can come from a preset, a
-TOML file, a JSON file (a run directory's `config.json`) and `key=value` overrides; the generic
-dict / TOML / override parsing lives in `minillm.config_io`.
+"""Configuration as data: one ModelConfig describes every architecture we build (GPT-2 style and
+LLaMA style are field values, not subclasses). A config comes from a preset, a TOML file, a run
+directory's config.json and `key=value` overrides, parsed by `minillm.config_io`.
 """
 
 from __future__ import annotations
@@ -51,8 +48,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.d_ff is None:
-            self.d_ff = _swiglu_hidden(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
+        if self.d_ff is None:  # the defaults of the docstring
+            hidden = int(8 * self.d_model / 3)
+            self.d_ff = 64 * ((hidden + 63) // 64) if self.mlp == "swiglu" else 4 * self.d_model
         self.validate()
 
     @property
@@ -65,25 +63,21 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("positions", self.positions, POSITIONS)
-        _check_choice("mlp", self.mlp, MLPS)
+        for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            _check_choice("ModelConfig", name, getattr(self, name), choices)
         if self.d_model % self.n_heads:
-            raise ValueError(
-                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
+                             f"n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by "
+                             f"n_kv_heads ({self.n_kv_heads})")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig.positions='rope' needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        for name in ("norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -100,40 +94,28 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def _swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
-    hidden = int(8 * d_model / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small (124M): exactly the shape of OpenAI's release, so its weights load unchanged.
-    "gpt2-small": dict(
-        vocab_size=50257, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-        norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True,
-    ),
+    "gpt2-small": dict(vocab_size=50257, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                       norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True),
     # nanoGPT's Shakespeare-char CPU model (README "I only have a macbook"): 0.8M parameters,
     # with nanoGPT's exact (erf) GELU.
-    "gpt-char": dict(
-        vocab_size=65, max_seq_len=64, d_model=128, n_layers=4, n_heads=4, d_ff=512,
-        norm="layernorm", positions="learned", mlp="gelu_exact", bias=False, tie_embeddings=True,
-    ),
+    "gpt-char": dict(vocab_size=65, max_seq_len=64, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+                     norm="layernorm", positions="learned", mlp="gelu_exact", bias=False,
+                     tie_embeddings=True),
     # LLaMA-style parts at ~15M parameters (8k BPE vocabulary, tied embeddings).
-    "llama-tiny": dict(
-        vocab_size=8192, max_seq_len=512, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2,
-        d_ff=1024, norm="rmsnorm", norm_eps=1e-5, positions="rope", mlp="swiglu", bias=False,
-        tie_embeddings=True,
-    ),
+    "llama-tiny": dict(vocab_size=8192, max_seq_len=512, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2,
+                       d_ff=1024, norm="rmsnorm", norm_eps=1e-5, positions="rope", mlp="swiglu", bias=False,
+                       tie_embeddings=True),
     # LLaMA-style at ~40M parameters.
-    "llama-40m": dict(
-        vocab_size=8192, max_seq_len=1024, d_model=512, n_layers=12, n_heads=8, n_kv_heads=4,
-        d_ff=1408, norm="rmsnorm", norm_eps=1e-5, positions="rope", mlp="swiglu", bias=False,
-        tie_embeddings=False,
-    ),
+    "llama-40m": dict(vocab_size=8192, max_seq_len=1024, d_model=512, n_layers=12, n_heads=8, n_kv_heads=4,
+                      d_ff=1408, norm="rmsnorm", norm_eps=1e-5, positions="rope", mlp="swiglu", bias=False,
+                      tie_embeddings=False),
 }
 
 
@@ -178,8 +160,6 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = model_config_from_table(self.model)
         self.validate()
 
     def validate(self) -> None:
@@ -195,8 +175,7 @@ class TrainConfig:
                              f"model.max_seq_len ({self.model.max_seq_len})")
         for name, choices in (("schedule", ("cosine", "constant", "wsd")), ("backend", ("torch", "jax")),
                               ("dtype", ("auto", "float32", "bfloat16", "float16"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"TrainConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
+            _check_choice("TrainConfig", name, getattr(self, name), choices)
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
         if self.warmup_steps < 0:
@@ -210,22 +189,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def model_config_from_table(d: dict[str, Any]) -> ModelConfig:
-    """A [model] table: ModelConfig keys, optionally `preset = "name"` as the starting point."""
-    d = dict(d)
-    preset = d.pop("preset", None)
-    return ModelConfig.preset(preset, **d) if preset else ModelConfig.from_dict(d)
-
-
 def train_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-    """Top-level TrainConfig keys plus a [model] table; `model.x=...` overrides reach the table."""
+    """Top-level TrainConfig keys plus a [model] table (ModelConfig keys, optionally `preset = "name"`
+    as the starting point); `model.x=...` overrides reach the table."""
     d = {**d, "model": dict(d.get("model", {}))}
     for key, value in parse_overrides(overrides or []).items():
         if key.startswith("model."):
             d["model"][key[len("model."):]] = value
         else:
             d[key] = value
-    d["model"] = model_config_from_table(d["model"])
+    preset = d["model"].pop("preset", None)
+    d["model"] = ModelConfig.preset(preset, **d["model"]) if preset else ModelConfig.from_dict(d["model"])
     return from_dict(TrainConfig, d)
 
 
@@ -277,9 +251,3 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         model["vocab_size"] = read_meta(probe.data_dir)["vocab_size"]
         return train_config_from_dict({**d, "model": model}, overrides)
     return probe
-
-
-__all__ = [
-    "ModelConfig", "TrainConfig", "MODEL_PRESETS", "train_config_from_dict", "model_config_from_table",
-    "load_train_config", "check_sampling", "from_dict", "parse_overrides", "load_toml",
-]

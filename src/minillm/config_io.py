@@ -1,7 +1,5 @@
-"""Config files and overrides, for any config dataclass: dict -> dataclass with type checks,
-TOML files, and `--set key=value` overrides. `minillm.config` builds its configs with these.
-
-Framework-free and config-free (it knows no field of its own), so every config class shares it.
+"""Config files and overrides for any config dataclass (this module knows no field of its own):
+dict -> dataclass with type checks, TOML files, `--set key=value` overrides. Used by minillm.config.
 """
 
 from __future__ import annotations
@@ -44,22 +42,18 @@ def _coerce(owner: str, key: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"{owner}.{key} must be {' or '.join(names)}, got {value!r}")
 
 
-def parse_value(text: str) -> Any:
-    """Parse the right side of a `--set key=value` override as a TOML value, else a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['model.d_model=256', 'lr=3e-4'] -> {'model.d_model': 256, 'lr': 0.0003}."""
+    """['model.d_model=256', 'lr=3e-4'] -> {'model.d_model': 256, 'lr': 0.0003}: a value is read as
+    TOML, and kept as a string when it is not TOML (so `data_dir=data/x` needs no quotes)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {pair!r} must look like key=value")
-        out[key.strip()] = parse_value(value.strip())
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
     return out
 
 

@@ -1,12 +1,10 @@
 """Atomic file writes and the one JSON reader, shared by every module that touches user files.
 
-Writes: the data goes to a temporary file in the same directory, is flushed to disk, and then
+The data goes to a temporary file in the same directory, is flushed to disk, and then
 replaces the target with os.replace (atomic on POSIX and Windows): a crash at any moment leaves
 either the old file or the whole new one, never half of one. The result has the permissions a
 plain `open(path, "w")` would give: a new file 0o666 minus the umask, a replaced file its old mode
 (`tempfile.mkstemp` would leave 0600, unreadable to anyone else sharing a run directory).
-
-Reads: `read_json` gives one-line errors that name the file, with an error class the caller picks.
 """
 
 from __future__ import annotations
@@ -48,12 +46,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike, error: type[Exception] | None = None) -> dict[str, Any]:
-    """Read a file holding one JSON object.
-
-    A missing file raises `error` (default FileNotFoundError); content that is not a JSON object
-    (truncated, corrupt, not UTF-8, a list ...) raises `error` (default ValueError). Either way
-    the one-line message names the file.
-    """
+    """Read a file holding one JSON object. A missing file raises `error` (default
+    FileNotFoundError), content that is not a JSON object (truncated, corrupt, not UTF-8, a list ...)
+    `error` (default ValueError); either way the one-line message names the file."""
     path = Path(path)
     if not path.is_file():
         raise (error or FileNotFoundError)(f"{path} not found")

@@ -19,16 +19,13 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8,
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with mass >= p")
     p.add_argument("--min-p", type=float, help="drop tokens less likely than min_p x the most likely one")
-    p.add_argument("--repetition-penalty", type=float,
-                   help="> 1 discourages tokens already in the context (e.g. 1.2)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in context")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable); eos always stops")
     p.add_argument("--seed", type=int, help="random seed (same seed, same output)")
     p.add_argument("--sliding-window", action="store_true",
-                   help="past the model's context, keep conditioning on the last max_seq_len tokens "
-                        "(default: an error)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (slow start, fast steps)")
+                   help="past the context, condition on the last max_seq_len tokens (default: an error)")
+    p.add_argument("--compile", action="store_true", help="torch.compile decoding (slow start, fast steps)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 

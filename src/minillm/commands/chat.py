@@ -129,8 +129,7 @@ def _stream_reply(tokens, tokenizer, kwargs: dict) -> tuple[list[int], str]:
     sys.stdout.write("model> ")
     text = ""
     for piece in text_pieces(recorded(), tokenizer, kwargs["stop_strings"], kwargs["stop_token_ids"]):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        print(piece, end="", flush=True)
         text += piece
     print()
     return ids, text

@@ -1,8 +1,6 @@
-"""`minillm eval`: perplexity of a run's model on a token file.
-
-The file is a flat array of token ids (`minillm prepare` writes train.bin / val.bin) whose dtype
-(uint16 or uint32) comes from the meta.json next to it. The windowing and the loss are
-`minillm.torch.evaluate.perplexity`; this module only parses arguments and prints the result.
+"""`minillm eval`: perplexity of a run's model on a token file (`minillm prepare`'s train.bin /
+val.bin). The windowing and the loss are minillm.torch.evaluate.perplexity; this module only
+parses arguments and prints the result.
 """
 
 from __future__ import annotations

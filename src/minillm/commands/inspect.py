@@ -19,22 +19,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the parameter count, FLOPs per token and a training-memory estimate (fp32 weights +
+    grads + AdamW's two moments = 16 bytes per parameter, plus activations saved for backward)."""
     if args.preset:
-        train = None
-        model = ModelConfig.preset(args.preset)
+        train, model = None, ModelConfig.preset(args.preset)
     elif args.config:
         train = load_train_config(args.config, args.overrides)
         model = train.model
     else:
         raise ValueError("give --config FILE or --preset NAME")
-    for line in memory_estimate(model, train):
-        print(line)
-    return 0
-
-
-def memory_estimate(model, train) -> list[str]:
-    """Parameter count, FLOPs per token and a training-memory estimate (fp32 weights + grads +
-    AdamW's two moments = 16 bytes per parameter, plus activations saved for backward)."""
     import torch
 
     from minillm.torch.model import Transformer
@@ -43,9 +36,8 @@ def memory_estimate(model, train) -> list[str]:
         net = Transformer(model)
     n_params = net.num_parameters()
     T = train.block_size if train else model.max_seq_len
-    flops = net.flops_per_token(T)
     lines = [f"parameters        {n_params:,} ({n_params / 1e6:.2f}M)",
-             f"FLOPs per token   {flops:,} (training: 6N + 12·L·D·T at T={T})",
+             f"FLOPs per token   {net.flops_per_token(T):,} (training: 6N + 12·L·D·T at T={T})",
              f"weights (fp32)    {n_params * 4 / 2**20:,.1f} MiB"]
     if train:
         micro = train.batch_size // train.grad_accum
@@ -57,4 +49,5 @@ def memory_estimate(model, train) -> list[str]:
         lines += [f"training state    {n_params * 16 / 2**20:,.1f} MiB (weights, grads, AdamW moments)",
                   f"activations       ~{act / 2**20:,.1f} MiB (micro-batch {micro} x {T} tokens, fp32)",
                   f"tokens per step   {train.batch_size * T:,}"]
-    return lines
+    print("\n".join(lines))
+    return 0

@@ -25,8 +25,7 @@ def register(sub) -> None:
                    help='"char", "bpe" (trained on the source; needs --vocab-size), or a tokenizer JSON file')
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (256 bytes + merges + special tokens)")
     p.add_argument("--pattern", default="gpt4", help='BPE pre-split pattern: "gpt4", "gpt2" or a regex')
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="tail of each document kept for validation")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of each document for validation")
     p.add_argument("--force", action="store_true", help="redo the work even if --out is up to date")
     p.set_defaults(func=run)
 

@@ -22,13 +22,11 @@ def register(sub) -> None:
                    help="override a value: --set lr=3e-3 --set model.n_layers=6 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     p.add_argument("--backend", choices=("torch", "jax"), help="framework (default: the config's backend)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bar (it is off anyway when not a terminal)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (off anyway when not a terminal)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-
     overrides = list(args.overrides) + ([f'backend="{args.backend}"'] if args.backend else [])
     cfg = load_train_config(args.config, overrides)
     if cfg.backend == "jax":
