@@ -1,12 +1,10 @@
 """THE training loop, framework-free: both trainers (minillm.torch.train, minillm.jax.train) run it.
 
 A trainer owns the model, the optimizer and the data; this loop owns everything around the
-optimizer step: the budget (steps, tokens, seconds), the throughput window, evaluation and the
-best checkpoint, periodic checkpoints, Ctrl-C / SIGTERM, and the guards against a run gone
-wrong (an unexpected step-0 loss, a non-finite loss, non-finite weights that must never be
-saved). metrics.jsonl gets train rows (step, tokens, train_loss, lr, grad_norm, tokens_per_s,
-time) and eval rows (step, tokens, val_loss, time) for either framework. Evaluation time is not
-training time.
+optimizer step: the budget (steps, tokens, training seconds, evaluation excluded), throughput,
+evaluation and best/, periodic checkpoints, the metrics.jsonl rows, Ctrl-C / SIGTERM, and the
+guards against a run gone wrong (an unexpected step-0 loss, a non-finite loss, non-finite
+weights that must never be saved).
 """
 
 from __future__ import annotations
@@ -27,8 +25,7 @@ from minillm.viz.metrics import MetricsLog
 
 
 class Trainer(Protocol):
-    """What a trainer provides to the loop. The loop advances the counters; the trainer's
-    checkpoints save them (and its resume restores them)."""
+    """What a trainer provides. The loop advances its counters; its checkpoints save and restore them."""
 
     cfg: TrainConfig
     run_dir: Path
@@ -65,10 +62,12 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _Clock:
-    """Training seconds: `elapsed` from earlier sessions plus the running stretch, paused for evals."""
+    """Training seconds: `elapsed` from earlier sessions plus the running stretch, paused for evals;
+    and the throughput since the last train row."""
 
-    def __init__(self, elapsed: float):
+    def __init__(self, elapsed: float, tokens: int):
         self.before, self.start = elapsed, time.perf_counter()
+        self.mark = (tokens, elapsed)  # tokens and training seconds at the last train row
 
     def now(self) -> float:
         return self.before + time.perf_counter() - self.start
@@ -80,18 +79,11 @@ class _Clock:
     def resume(self) -> None:
         self.start = time.perf_counter()
 
-
-class _Window:
-    """Tokens and wall time since the last train row, for tokens/s."""
-
-    def __init__(self):
-        self.restart()
-
-    def restart(self) -> None:
-        self.start, self.tokens = time.perf_counter(), 0
-
-    def rate(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+    def tokens_per_s(self, tokens: int) -> float:
+        """Tokens per training second since the previous call (or the start)."""
+        (tokens_before, before), now = self.mark, self.now()
+        self.mark = (tokens, now)
+        return (tokens - tokens_before) / max(now - before, 1e-9)
 
 
 def train(trainer: Trainer) -> dict:
@@ -107,30 +99,27 @@ def train(trainer: Trainer) -> dict:
 def run_loop(t: Trainer) -> dict:
     """Run trainer t until its budget is spent; returns a summary (final val loss, steps, timing)."""
     cfg = t.cfg
-    tokens_per_step = cfg.batch_size * cfg.block_size
     ckpt_every = cfg.checkpoint_interval or cfg.eval_interval  # 0: only the final checkpoint
     if t.step == 0 and t.is_main:
         print(t.describe())
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=t.quiet or not t.is_main, unit="step",
                dynamic_ncols=True, file=sys.stderr)
-    clock, window, losses, val = _Clock(t.elapsed), _Window(), [], math.nan
+    clock, losses, val = _Clock(t.elapsed, t.tokens), [], math.nan
     try:
         # --- budget: steps, tokens or training seconds, whichever ends first ---
         while not _out_of_budget(t, clock):
             loss, grad_norm = t.train_step()  # raises NonFiniteLoss before a bad update
             if t.step == 0 and t.is_main:
                 _check_step0(bar, loss, cfg.model.vocab_size)
-            t.step, t.tokens = t.step + 1, t.tokens + tokens_per_step
+            t.step, t.tokens = t.step + 1, t.tokens + cfg.batch_size * cfg.block_size  # global batch
             losses.append(loss)
-            # --- throughput window: a train row every log_interval steps (and after the first) ---
-            window.tokens += tokens_per_step
+            # --- a train row every log_interval steps (and after the first) ---
             if t.step % cfg.log_interval == 0 or t.step == 1:
-                _log_train(t, bar, clock, window, loss, grad_norm)
+                _log_train(t, bar, clock, loss, grad_norm)
             bar.update(1)
             # --- eval and best (it checkpoints too), or a checkpoint alone ---
             if cfg.eval_interval and t.step % cfg.eval_interval == 0:
                 val = _evaluate(t, bar, clock, losses)
-                window.restart()
             elif ckpt_every and t.step % ckpt_every == 0:
                 t.elapsed = clock.now()
                 _checkpoint(t)
@@ -162,13 +151,12 @@ def _check_step0(bar, loss: float, vocab_size: int) -> None:
     bar.write(f"step 0 loss {loss:.4f}; ln(vocab_size) = {expected:.4f}{flag}")
 
 
-def _log_train(t: Trainer, bar, clock: _Clock, window: _Window, loss: float, grad_norm: float) -> None:
-    tok_s, lr = window.rate(), lr_at(t.step - 1, t.cfg)
+def _log_train(t: Trainer, bar, clock: _Clock, loss: float, grad_norm: float) -> None:
+    tok_s, lr = clock.tokens_per_s(t.tokens), lr_at(t.step - 1, t.cfg)
     if t.is_main:
         t.metrics.append(dict(step=t.step, tokens=t.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=round(tok_s, 1), time=round(clock.now(), 3)))
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-    window.restart()
 
 
 def _checkpoint(t: Trainer, best: float | None = None) -> None:
