@@ -94,13 +94,31 @@ def test_chat_conversation_stays_within_the_context(run_dir):
     from minillm.commands.chat import Conversation
     from minillm.tokenizer import load_tokenizer
 
-    conv = Conversation(load_tokenizer(run_dir), max_seq_len=64, system="the fox")
+    tok = load_tokenizer(run_dir)
+    bos, eos, system, user, assistant = map(tok.special_id, ("bos", "eos", "system", "user", "assistant"))
+    head = [bos, system] + tok.encode("the fox") + [eos]
+    conv = Conversation(tok, max_seq_len=64, system="the fox")
     for i in range(20):
         ids = conv.prompt("hello world", reserve=16)
         assert len(ids) <= 64 - 16
-        assert ids[: len(conv.system)] == conv.system  # the system prompt stays
-        conv.add_reply(conv.tokenizer.encode("the dog"), "the dog")
-    assert ids[-1] == conv.assistant_id
+        assert ids[: len(head)] == head  # the system prompt stays
+        turn = [user] + tok.encode("hello world") + [eos, assistant]
+        assert ids[-len(turn):] == turn
+        conv.add_reply("the dog")
+
+
+def test_chat_feeds_the_ids_finetuning_trains_on(run_dir):
+    from minillm.commands.chat import Conversation
+    from minillm.tokenizer import load_tokenizer
+    from minillm.tokenizer.chat import render_for_training
+
+    tok = load_tokenizer(run_dir)
+    conv = Conversation(tok, max_seq_len=64)
+    conv.prompt("hello", reserve=16)
+    conv.add_reply(" the dog \n")  # shown text; the recorded turn is stripped
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the dog"}]
+    trained_ids, _ = render_for_training(tok, messages)
+    assert conv.prompt("the fox", reserve=16)[: len(trained_ids)] == trained_ids
 
 
 def _write_tokens(tmp_path, ids, dtype="uint16"):

@@ -1,9 +1,8 @@
 """`minillm chat`: talk to a model in the terminal, with streaming replies.
 
-Each user message becomes a turn `<|user|> text <|assistant|>` and the model writes until it
-emits eos (or the next `<|user|>`). A tokenizer without chat tokens gets a plain-text template
-("User: ...\\nAssistant:") that stops at the next "\\nUser:". When the conversation outgrows the
-model's context, the oldest turns are dropped (the system prompt stays).
+The conversation is rendered by the chat template (minillm.tokenizer.chat), so the model sees
+the ids fine-tuning trained on, and replies until it emits eos. When the conversation outgrows the
+model's context, the oldest exchanges are dropped (the system prompt stays).
 """
 
 from __future__ import annotations
@@ -12,7 +11,8 @@ import argparse
 import sys
 
 from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs
-from minillm.tokenizer.stream import special_ids, text_pieces
+from minillm.tokenizer import chat as template
+from minillm.tokenizer.stream import text_pieces
 
 HELP = "commands: /reset forgets the conversation, /exit quits (so does Ctrl-D)"
 
@@ -27,56 +27,30 @@ def register(sub) -> None:
 
 
 class Conversation:
-    """Turns as token lists, the template that makes them, and trimming to the context."""
+    """The messages so far, rendered by the chat template (minillm.tokenizer.chat); when they
+    outgrow the context, the oldest exchanges go first (the system prompt stays)."""
 
     def __init__(self, tokenizer, max_seq_len: int, system: str = ""):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
-        roles = special_ids(tokenizer, "user", "assistant")
-        self.chat_tokens = len(roles) == 2
-        self.user_id, self.assistant_id = roles if self.chat_tokens else (None, None)
-        self.eos = special_ids(tokenizer, "eos")
-        self.system = self._system_turn(system)
-        self.turns: list[list[int]] = []
-
-    def _system_turn(self, text: str) -> list[int]:
-        if not text:
-            return []
-        system_id = special_ids(self.tokenizer, "system")
-        if self.chat_tokens and system_id:
-            return system_id + self.tokenizer.encode(text)
-        return self.tokenizer.encode(text + "\n")
-
-    @property
-    def stop_strings(self) -> list[str]:
-        return [] if self.chat_tokens else ["\nUser:"]
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return self.eos + ([self.user_id] if self.chat_tokens else [])
-
-    def user_turn(self, text: str) -> list[int]:
-        if self.chat_tokens:
-            return [self.user_id] + self.tokenizer.encode(text) + [self.assistant_id]
-        return self.tokenizer.encode(f"User: {text}\nAssistant:")
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.turns: list[dict] = []  # user, assistant, user, ...
+        self.stop_strings = template.stop_strings(tokenizer)
+        self.stop_token_ids = template.stop_token_ids(tokenizer)
 
     def prompt(self, text: str, reserve: int) -> list[int]:
-        """The ids to generate after: system + the turns that fit + this user turn, leaving
-        `reserve` slots for the reply. The new turn is kept even if older turns must go."""
-        self.turns.append(self.user_turn(text))
-        budget = self.max_seq_len - reserve - len(self.system)
-        while len(self.turns) > 1 and sum(map(len, self.turns)) > budget:
-            self.turns.pop(0)
-        ids = self.system + [t for turn in self.turns for t in turn]
-        return ids[-(self.max_seq_len - reserve):] if len(ids) > self.max_seq_len - reserve else ids
+        """The ids to generate after: system + the exchanges that fit + this user turn + the
+        assistant opener (what fine-tuning trained on), leaving `reserve` slots for the reply."""
+        self.turns.append({"role": "user", "content": text})
+        budget = self.max_seq_len - reserve
+        while True:
+            ids = template.render(self.tokenizer, self.system + self.turns, add_generation_prompt=True)
+            if len(ids) <= budget or len(self.turns) == 1:
+                return ids[-budget:]
+            del self.turns[:2]  # the oldest user turn and its reply
 
-    def add_reply(self, ids: list[int], text: str) -> None:
-        """Close the assistant turn: its ids and eos, or (plain template) its shown text and a newline."""
-        if not self.chat_tokens:
-            self.turns[-1] = self.turns[-1] + self.tokenizer.encode(" " + text.strip() + "\n")
-            return
-        if ids and ids[-1] in self.stop_token_ids:
-            ids = ids[:-1]
-        self.turns[-1] = self.turns[-1] + ids + self.eos
+    def add_reply(self, text: str) -> None:
+        """Record the reply as shown (stop token and stop string already cut off)."""
+        self.turns.append({"role": "assistant", "content": text.strip()})
 
     def reset(self) -> None:
         self.turns = []
@@ -113,23 +87,16 @@ def run(args: argparse.Namespace) -> int:
             continue
         seed = None if args.seed is None else args.seed + turn
         tokens = generate_stream(model, ids, reply_budget, seed=seed, **kwargs)
-        conv.add_reply(*_stream_reply(tokens, tokenizer, kwargs))
+        conv.add_reply(_stream_reply(tokens, tokenizer, kwargs))
         turn += 1
 
 
-def _stream_reply(tokens, tokenizer, kwargs: dict) -> tuple[list[int], str]:
-    """Print a reply as it is generated (without stop tokens or stop strings); return ids and text."""
-    ids: list[int] = []
-
-    def recorded():
-        for t in tokens:
-            ids.append(t)
-            yield t
-
+def _stream_reply(tokens, tokenizer, kwargs: dict) -> str:
+    """Print a reply as it is generated (without stop tokens or stop strings); return its text."""
     sys.stdout.write("model> ")
     text = ""
-    for piece in text_pieces(recorded(), tokenizer, kwargs["stop_strings"], kwargs["stop_token_ids"]):
+    for piece in text_pieces(tokens, tokenizer, kwargs["stop_strings"], kwargs["stop_token_ids"]):
         print(piece, end="", flush=True)
         text += piece
     print()
-    return ids, text
+    return text
