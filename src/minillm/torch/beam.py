@@ -1,6 +1,5 @@
-"""Beam search in PyTorch: the model side of minillm/beam.py (which holds the search itself and
-its conventions). The prompt is prefilled into num_beams cache rows; each step reorders the
-rows to the surviving beams and decodes their new tokens.
+"""Beam search in PyTorch, the model side of minillm/beam.py (the search and its conventions):
+the prompt fills num_beams cache rows; each step reorders them to the surviving beams and decodes.
 """
 
 from __future__ import annotations

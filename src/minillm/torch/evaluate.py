@@ -1,9 +1,6 @@
-"""Perplexity of a model on a token array: the windows of `minillm.data.loader.eval_batches`.
-
-The tokens are cut into consecutive windows of block_size + 1 tokens overlapping by one (the
-last one shorter), so every token after the first is predicted exactly once, from up to
-block_size tokens of context. Loss is the mean next-token cross-entropy in nats;
-perplexity = exp(loss); bits per token = loss / ln 2.
+"""Perplexity of a model on a token array, over the windows of `minillm.data.loader.eval_batches`
+(tail=True: every token after the first is predicted exactly once, from up to block_size tokens).
+Loss is the mean next-token cross-entropy in nats; perplexity = exp(loss); bits = loss / ln 2.
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ from minillm.data.loader import eval_batches
 
 
 def perplexity(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 8) -> dict:
-    """Mean next-token loss of `model` over a 1-D array of ids (e.g. `read_tokens(path)`).
-
-    Returns {"tokens": ids predicted, "loss": nats per token, "perplexity", "bits_per_token"}.
-    """
+    """Mean next-token loss of `model` over a 1-D array of ids (e.g. `read_tokens(path)`): returns
+    {"tokens": ids predicted, "loss": nats per token, "perplexity", "bits_per_token"}."""
     if len(tokens) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
     device = next(model.parameters()).device

@@ -5,15 +5,13 @@
     decode:   one token per row per step; its keys/values join the caches, its logits pick the
               next token (minillm.torch.sampling: greedy, temperature, top-k, top-p, min-p, ...).
 
-Where things live: the caches and the batch's cache state (`BatchCache`: padding, positions,
-masks) in minillm.torch.kv_cache; the packed weights both steps run on, and the compiled decode
-step, in minillm.torch.packed; beam search in minillm.torch.beam. This module is the loop:
-`generate` returns ids; `generate_stream` yields them one by one and `stream_text` yields text
-(minillm.tokenizer.stream: stop strings, never half a UTF-8 character).
+This module is the loop (the cache state is minillm.torch.kv_cache's BatchCache): `generate` returns
+ids, `generate_stream` yields them one by one, `stream_text` yields text (minillm.tokenizer.stream).
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Iterator, Sequence
 
 import torch
@@ -26,7 +24,6 @@ from minillm.torch.packed import packed_copy
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next
 
 
-# --- the generation loop -------------------------------------------------------------------------
 def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
     """A prompt (list of ids / 1-D tensor) or a batch of them -> (list of lists, was_single)."""
     if isinstance(prompt_ids, torch.Tensor):
@@ -84,17 +81,15 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
              seed: int | Sequence[int] | None = None, vocab_size: int | None = None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False, context_overflow: str = "error",
              prefill_chunk_size: int | None = None, compile: bool = False):
-    """Generate up to max_new_tokens after a prompt, or after each prompt of a batch.
+    """Generate up to max_new_tokens after a prompt (list[int] / 1-D tensor -> list[int]), or after
+    each prompt of a batch (-> list[list[int]]): only the new tokens, each row ending with the stop
+    token or the token that completed a stop string, when one came.
 
-    prompt_ids: list[int] / 1-D tensor -> returns list[int]; a list of prompts -> list[list[int]]
-    (only the new tokens; a row ends with the stop token or the token that completed a stop
-    string, when one came). temperature 0 is greedy; top_k / top_p / min_p / repetition_penalty
-    filter as in minillm.torch.sampling. stop_strings need `tokenizer`. seed: an int seeds every
-    row alike (row b equals generating that prompt alone), a list seeds row by row. vocab_size:
-    the tokenizer's vocabulary when the model's is padded (default: the tokenizer's, when one
-    is given); ids from vocab_size on are never generated. num_beams > 1: beam search
-    (minillm.torch.beam). context_overflow: "error" past max_seq_len, or "slide" to keep
-    conditioning on the last max_seq_len tokens. compile: torch.compile the decode step.
+    temperature 0 is greedy; the filters are minillm.torch.sampling's. stop_strings need `tokenizer`.
+    seed: an int seeds every row alike (row b equals that prompt generated alone), a list row by row.
+    vocab_size (default: the tokenizer's, when smaller than the model's padded table): ids from it on
+    are never generated. num_beams > 1: beam search. context_overflow: "error" past max_seq_len, or
+    "slide" to condition on the last max_seq_len tokens. compile: torch.compile the decode step.
     """
     prompts, single = _as_batch(prompt_ids)
     model_vocab = model.config.vocab_size
@@ -107,8 +102,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0
         return out[0] if single else out
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     checkers = [StopChecker(tokenizer, stop_strings) for _ in prompts]
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    out, done = [[] for _ in prompts], [False] * len(prompts)
     for tokens in token_steps(model, prompts, max_new_tokens, sampling, stop_token_ids, seed, vocab_size,
                               context_overflow, prefill_chunk_size, compile):
         for b, t in enumerate(tokens):
@@ -124,8 +118,8 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, **kwargs) -> Iterato
     """Yield the new token ids of one prompt as they are produced (same options as generate)."""
     stop_ids = kwargs.pop("stop_token_ids", ())
     checker = StopChecker(kwargs.pop("tokenizer", None), kwargs.pop("stop_strings", ()))
-    defaults = {"temperature": 1.0, "top_k": None, "top_p": None, "min_p": None, "repetition_penalty": None}
-    sampling = SamplingConfig(**{k: kwargs.pop(k, d) for k, d in defaults.items()})
+    names = [f.name for f in fields(SamplingConfig)]  # the sampling options; their defaults stay there
+    sampling = SamplingConfig(**{n: kwargs.pop(n) for n in names if n in kwargs})
     prompts, _ = _as_batch(prompt_ids)
     for tokens in token_steps(model, prompts[:1], max_new_tokens, sampling, stop_ids, **kwargs):
         t = tokens[0]

@@ -4,13 +4,6 @@ During generation token t attends to the keys and values of tokens 0..t. They do
 computed (causal attention), so each layer stores them instead of recomputing the whole prefix:
 one forward pass per new token instead of one per prefix.
 
-- `KVCache`: one layer's keys and values, the protocol `Transformer.forward` reads and extends.
-- `BatchCache`: what `minillm sample` runs on: the caches of a batch of rows being generated
-  together, with which slots hold real tokens, each slot's position and the attention masks;
-  `prefill` fills it with the prompts, `decode` appends one token per row (minillm.torch.packed
-  computes both).
-- `cache_length`: how many slots a generation needs (or a clear error past max_seq_len).
-
 One `KVCache` per layer, preallocated to the longest sequence this generation will need
 (prompt + max_new_tokens, not the model's whole context). It stores n_kv_heads heads, not
 n_heads: with grouped-query attention the cache is n_heads / n_kv_heads times smaller, which is
@@ -28,12 +21,9 @@ from minillm.torch.packed import PackedCopy
 
 
 class KVCache:
-    """Keys and values of one attention layer: k, v (B, n_kv_heads, max_len, head_dim).
-
-    `update(k, v)` appends a block of new keys/values and returns everything cached so far: the
-    protocol `Attention.forward` uses, so `model(tokens, positions, kv_caches=[...])` decodes.
-    The packed model (minillm.torch.packed) writes the buffers at explicit slots instead.
-    """
+    """Keys and values of one attention layer: k, v (B, n_kv_heads, max_len, head_dim). `update` is
+    the protocol `Attention.forward` uses, so `model(tokens, positions, kv_caches=[...])` decodes;
+    the packed model (minillm.torch.packed) writes the buffers at explicit slots instead."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -42,15 +32,11 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # slots 0 .. length-1 are filled
 
-    @property
-    def max_len(self) -> int:
-        return self.k.size(2)
-
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, K, T, hd) for the next T slots -> all cached keys/values (B, K, length, hd)."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens do not fit its {self.max_len} slots")
+        start, end, max_len = self.length, self.length + k.size(2), self.k.size(2)
+        if end > max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens do not fit its {max_len} slots")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end
@@ -60,9 +46,6 @@ class KVCache:
         """Keep batch rows `rows` (B',) in that order, e.g. the surviving hypotheses of beam search."""
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 def make_caches(config, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
@@ -75,15 +58,12 @@ def make_caches(config, batch: int, max_len: int, dtype: torch.dtype = torch.flo
 class BatchCache:
     """The cache state of B rows generated together: per-layer K/V buffers of max_len slots,
     which slots hold real tokens (`valid`), each slot's position, and the decode step's mask.
-
     Row b is left-padded by pad[b] slots, which no query ever attends to, and its positions
     count from its first real token, so it computes exactly what it would compute alone.
-    `seen` (with track_seen) marks the tokens of each row's context, for the repetition penalty.
-    """
+    `seen` (with track_seen) marks the tokens of each row's context, for the repetition penalty."""
 
     def __init__(self, packed: PackedCopy, max_len: int, vocab_size: int, track_seen: bool = False):
-        self.packed, self.max_len, self.vocab_size = packed, max_len, vocab_size
-        self.track_seen = track_seen
+        self.packed, self.max_len, self.vocab_size, self.track_seen = packed, max_len, vocab_size, track_seen
         self.seen: torch.Tensor | None = None  # (B, V) bool, with track_seen
         self.slots = torch.arange(max_len)  # (S,)
 

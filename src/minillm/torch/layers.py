@@ -1,9 +1,8 @@
 """The parts of a Transformer, one small class or function each, in PyTorch.
 
-Each part's maths is a plain function of tensors and weights (`layer_norm`, `rms_norm`,
-`apply_rope`, `attention_math`, `gelu_mlp`, `swiglu`), as in minillm/jax/layers.py. The
-`nn.Module`s below hold the canonical parameters and call those functions; the packed inference
-model (minillm.torch.packed) calls the same functions on its own layout of the same weights.
+Each part's maths is a plain function of tensors and weights, as in minillm/jax/layers.py; the
+`nn.Module`s hold the canonical parameters and call those functions, and the packed inference
+model (minillm.torch.packed) calls them on its own layout of the same weights.
 
 Shapes: B batch, T query length, S key length (T plus any cached tokens), D d_model,
 H query heads, K key/value heads, hd head_dim. Parameter names follow DESIGN.md.
@@ -28,15 +27,13 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 
 # --- normalisation ------------------------------------------------------------------------------
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) * weight (+ bias), over the last
-    axis, as one fused kernel."""
+    """LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) * weight (+ bias) over the last axis."""
     return F.layer_norm(x, weight.shape, weight, bias, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight, over the last axis.
-    Computed in float32 even under bf16 autocast (as LLaMA does): squares overflow fp16. On
-    float32 input the casts are no-ops (no copy)."""
+    Computed in float32 even under bf16 autocast (as LLaMA does): squares overflow fp16."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.type_as(x)
@@ -92,12 +89,10 @@ def sinusoidal_table(max_seq_len: int, d_model: int) -> torch.Tensor:
 
 def rope_tables(max_seq_len: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings (Su et al. 2021), rotate-half layout. (T, hd) each.
-
-    Frequency i (of hd/2) rotates the pair (x[i], x[i + hd/2]) by angle p * theta^(-2i/hd).
-    The original LLaMA release pairs neighbours (x[2i], x[2i+1]) instead; the two are the same
-    rotation once the head's dimensions are permuted, which Hugging Face's converter does
-    once on the q/k weights. We use the rotate-half layout so HF LLaMA weights load unchanged.
-    """
+    Frequency i (of hd/2) rotates the pair (x[i], x[i + hd/2]) by angle p * theta^(-2i/hd). The
+    original LLaMA release pairs neighbours (x[2i], x[2i+1]) instead: the same rotation once the
+    head's dimensions are permuted, which Hugging Face's converter does on the q/k weights, so
+    with the rotate-half layout HF LLaMA weights load unchanged."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, hd): frequency i at dims i and i + hd/2
@@ -121,15 +116,12 @@ def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Ten
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
 
 
-def attention_math(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ / sqrt(hd) + mask) v, written out; also returns the weights for plots.
-
     q (B, H, T, hd); k, v (B, H, S, hd); mask (T, S) or (B, 1, T, S): bool (True = attend), or
     float added to the scores (0 = attend, -inf = not), or None -> causal.
-    Returns out (B, H, T, hd) and weights (B, H, T, S).
-    """
+    Returns out (B, H, T, hd) and weights (B, H, T, S)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
     if mask is None:
         mask = causal_mask(q.size(-2), k.size(-2), q.device)
@@ -166,14 +158,8 @@ class Attention(nn.Module):
         self.use_sdpa = True  # the fused kernel; False = the readable path that keeps weights
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when keep_weights was asked
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        kv_cache=None,
-        mask: torch.Tensor | None = None,
-        keep_weights: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, kv_cache=None,
+                mask: torch.Tensor | None = None, keep_weights: bool = False) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). kv_cache: an object with update(k, v) -> (k_all, v_all) that
         appends this step's keys/values; mask: (T, S) or (B, 1, T, S) bool, None = causal."""
         B, T, _ = x.shape
@@ -205,16 +191,14 @@ GELU_APPROXIMATE = {"gelu": "tanh", "gelu_exact": "none"}  # config.mlp -> F.gel
 
 
 def gelu_mlp(x: torch.Tensor, up: Linear, down: Linear, approximate: str = "tanh") -> torch.Tensor:
-    """GPT-2's MLP: down(gelu(up(x))). up, down: the linear maps (an nn.Linear, or a packed
-    weight applied by a function). x (..., D) -> (..., D); approximate "tanh" (GPT-2) or "none"
-    (the erf form x·Φ(x))."""
+    """GPT-2's MLP (see GeluMLP): down(gelu(up(x))), x (..., D) -> (..., D). up, down: an nn.Linear
+    or a packed weight applied by a function; approximate: "tanh" or "none" (F.gelu's)."""
     return down(F.gelu(up(x), approximate=approximate))
 
 
 def swiglu(x: torch.Tensor, gate: Linear, up: Linear | None, down: Linear) -> torch.Tensor:
-    """Shazeer 2020, as in LLaMA: down(silu(gate(x)) * up(x)). up None when `gate` computes the
-    gate and up projections fused along the outputs ([gate | up]), one product instead of two.
-    x (..., D) -> (..., D)."""
+    """Shazeer 2020, as in LLaMA: down(silu(gate(x)) * up(x)), x (..., D) -> (..., D). up None when
+    `gate` computes the gate and up projections fused ([gate | up]): one product instead of two."""
     g, u = gate(x).chunk(2, dim=-1) if up is None else (gate(x), up(x))  # (..., F) each
     return down(F.silu(g) * u)
 

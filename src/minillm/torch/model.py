@@ -57,23 +57,16 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        kv_caches: list | None = None,
-        mask: torch.Tensor | None = None,
-        keep_weights: bool = False,
-    ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab).
-
-        positions: (T,) or (B, T) absolute positions, default 0..T-1 (a KV cache passes its offset).
-        kv_caches: one KVCache per block (minillm.torch.kv_cache). mask: (T, S) or (B, 1, T, S)
-        bool, True = may attend; None = causal. keep_weights: keep each block's attention weights
-        in `block.attn.last_weights` (uses the plain-math attention path).
-        """
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                kv_caches: list | None = None, mask: torch.Tensor | None = None,
+                keep_weights: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). positions: (T,) or (B, T) absolute positions,
+        default 0..T-1 (a KV cache passes its offset). kv_caches: one KVCache per block
+        (minillm.torch.kv_cache). mask: (T, S) or (B, 1, T, S) bool, True = may attend; None =
+        causal. keep_weights: keep each block's attention weights in `block.attn.last_weights`
+        (uses the plain-math attention path)."""
         x = self.embed(tokens, positions)
-        rope = self.rope(positions, tokens.size(1), tokens.device)
+        rope = self.rope(positions, tokens.size(1))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, kv_caches[i] if kv_caches is not None else None, mask, keep_weights)
         return self.lm_head(self.norm(x))
@@ -83,9 +76,8 @@ class Transformer(nn.Module):
         T = tokens.size(1)
         if positions is None:
             if T > self.config.max_seq_len:
-                raise ValueError(
-                    f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}"
-                )
+                raise ValueError(f"sequence length {T} exceeds the model's max_seq_len "
+                                 f"{self.config.max_seq_len}")
             positions = torch.arange(T, device=tokens.device)
         x = self.tok_emb(tokens)  # (B, T, D)
         if self.config.positions == "learned":
@@ -94,8 +86,7 @@ class Transformer(nn.Module):
             x = x + self.sin_table[positions]
         return self.drop(x)
 
-    def rope(self, positions: torch.Tensor | None, T: int,
-             device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(self, positions: torch.Tensor | None, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos, sin for these positions: (T, hd), or (B, 1, T, hd) for per-row positions."""
         if self.config.positions != "rope":
             return None
@@ -140,9 +131,7 @@ def _fill_tied_head(module, state_dict, prefix, *args) -> None:
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of logits (B, T, V) against targets (B, T) (tokens shifted by one);
     targets equal to ignore_index (padding, prompt tokens in SFT) do not count."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index
-    )
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index)
 
 
 # --- run directory <-> model ----------------------------------------------------------------------

@@ -1,8 +1,5 @@
 """AdamW for the PyTorch trainer: which parameters decay, and the optimizer over the two groups.
-
-The twin of minillm/jax/optim.py (same rule, same names where the concept is the same). The
-learning rate comes from minillm.schedule.lr_at, set on the groups before every step, and the
-gradients are clipped by torch.nn.utils.clip_grad_norm_ (minillm.torch.train.Trainer.train_step).
+The learning rate (minillm.schedule.lr_at) and clipping are applied by Trainer.train_step.
 """
 
 from __future__ import annotations
@@ -12,22 +9,16 @@ import torch
 from minillm.config import TrainConfig
 
 
-def decay_mask(model: torch.nn.Module) -> dict[str, bool]:
-    """True for parameters with weight decay: matrices (Q, K, V, O, MLP, an untied head); not
-    embeddings, norm gains or biases. A tied embedding is one entry (tok_emb.weight)."""
-    # named_parameters() yields a shared (tied) tensor once
-    return {name: p.dim() >= 2 and name not in ("tok_emb.weight", "pos_emb.weight")
-            for name, p in model.named_parameters()}
-
-
 def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """decay_mask as two lists of names: (with weight decay, without)."""
-    mask = decay_mask(model)
+    """Parameter names (with weight decay, without): matrices (Q, K, V, O, MLP, an untied head) decay;
+    embeddings, norm gains and biases do not. A tied embedding is one name (tok_emb.weight)."""
+    mask = {name: p.dim() >= 2 and name not in ("tok_emb.weight", "pos_emb.weight")
+            for name, p in model.named_parameters()}
     return [n for n, d in mask.items() if d], [n for n, d in mask.items() if not d]
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, list[str]]:
-    """AdamW (Loshchilov & Hutter 2019) with two parameter groups, weight decay on decay_mask's;
+    """AdamW (Loshchilov & Hutter 2019) with two parameter groups, weight decay on decay_split's;
     returns (optimizer, names in optimizer order) so checkpoints store the moments by name."""
     decay, no_decay = decay_split(model)
     params = dict(model.named_parameters())

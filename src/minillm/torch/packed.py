@@ -1,23 +1,18 @@
 """The packed model: the model's weights laid out for inference, the fast path generation runs on.
 
 Same mathematics as `Transformer.forward`, from the same functions of minillm.torch.layers
-(norms, RoPE, MLPs, attention; tests compare the two to 1e-5), on another layout of the weights:
-- Q, K and V are one fused matrix, SwiGLU's gate and up are one fused matrix, so each layer does
-  fewer, larger matrix products.
+(tests compare the two to 1e-5), on another layout of the weights:
+- Q, K and V are one fused matrix, SwiGLU's gate and up another: fewer, larger matrix products.
 - Two weight layouts, each the fastest for its way of running a decode step's matrix-vector
   products. Eager: [in, out], applied with `addmm` (MKL streams this layout ~1.5x faster than
-  `F.linear` on [out, in]). Compiled ("row-dot" layout): [out, in], each product written as a
-  row-wise dot product that Inductor turns into one vectorised reduction streaming the weights
-  at ~40 GB/s, ~3x MKL's single-token `sgemv` here (BENCHMARKS.md). The tied head then is the
-  embedding table itself.
+  `F.linear` on [out, in]). Compiled ("row-dot" layout): [out, in], each product a row-wise dot
+  product (row_dot_linear) streaming the weights at ~40 GB/s, ~3x MKL's single-token `sgemv`
+  here (BENCHMARKS.md); the tied head then is the embedding table itself.
 - Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
   most of a tiny model's decode step).
 - Keys/values are written into the caches at explicit slots (`index_copy_`) and attention runs
   over the whole preallocated buffer under a mask, so a decode step has the same shapes every
   time: exactly what `torch.compile` needs to compile it once.
-
-The packed weights share nothing with the model; `packed_copy(model)` keeps one copy per model
-and mode, and rebuilds it when the model's weights change (training, load_state_dict).
 """
 
 from __future__ import annotations
@@ -109,9 +104,8 @@ class PackedModel(nn.Module):
         # the additive position table, learned or sinusoidal (None with RoPE)
         pos = model.pos_emb.weight if c.positions == "learned" else getattr(model, "sin_table", None)
         self.register_buffer("pos_table", _copy(pos))
-        rope = c.positions == "rope"
-        self.register_buffer("rope_cos", _copy(model.rope_cos) if rope else None)
-        self.register_buffer("rope_sin", _copy(model.rope_sin) if rope else None)
+        self.register_buffer("rope_cos", _copy(getattr(model, "rope_cos", None)))  # None unless RoPE
+        self.register_buffer("rope_sin", _copy(getattr(model, "rope_sin", None)))
         self.blocks = nn.ModuleList(PackedBlock(b, c, row_dot) for b in model.blocks)
         self.register_buffer("norm_w", _copy(model.norm.weight))
         self.register_buffer("norm_b", _copy(getattr(model.norm, "bias", None)))
@@ -124,13 +118,11 @@ class PackedModel(nn.Module):
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True,
                 manual_attention: bool = False) -> torch.Tensor:
         """One cached step over T new tokens per row (a prefill chunk, or T = 1: a decode step).
-
-        tokens, positions (B, T); slots (T,) cache slots the new keys/values go to; mask
-        (B, 1, T, S) over all S cache slots: bool (True = attend) or float added to the scores
-        (0 = attend, -inf = not); k_caches/v_caches: per layer (B, K, S, hd), written in place.
-        Returns logits (B, V) for the last token, or (B, T, V) when not last_only.
-        manual_attention: written-out softmax attention instead of SDPA (it fuses under compile).
-        """
+        tokens, positions (B, T); slots (T,) the cache slots the new keys/values go to; mask
+        (B, 1, T, S) over all S slots, as in layers.attention_math; k_caches/v_caches: per layer
+        (B, K, S, hd), written in place. Returns logits (B, V) for the last token, or (B, T, V)
+        when not last_only. manual_attention: layers.attention_math instead of SDPA (it fuses
+        under compile)."""
         B, T = tokens.shape
         x = self.tok_emb[tokens]  # (B, T, D)
         if self.pos_table is not None:
@@ -186,10 +178,8 @@ class PackedModel(nn.Module):
 
 # --- one packed copy per model and mode, compiled on demand ----------------------------------------
 class PackedCopy:
-    """A model's PackedModel and, with compile=True, its torch.compile'd decode step.
-
-    The weight layout differs between the two modes (see the module docstring), so each mode
-    packs its own copy."""
+    """A model's PackedModel and, with compile=True, its torch.compile'd decode step. Each mode
+    packs its own copy: their weight layouts differ (see the module docstring)."""
 
     def __init__(self, model, compile: bool = False):
         self.model = PackedModel(model, row_dot=compile).eval()
@@ -229,8 +219,8 @@ def compile_decode_step(packed: PackedModel, autotune: bool = True):
 
 
 def packed_copy(model, compile: bool = False) -> PackedCopy:
-    """The PackedCopy of `model` for this mode, rebuilt only when its weights changed (training,
-    load_state_dict)."""
+    """The PackedCopy of `model` for this mode: one per model and mode, sharing nothing with the
+    model, rebuilt only when its weights changed (training, load_state_dict)."""
     tensors = list(model.parameters()) + list(model.buffers())
     fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
     cached = _COPIES.setdefault(model, {}).get(compile)

@@ -1,7 +1,5 @@
-"""The PyTorch trainer's view of a prepared data directory: batches as tensors, sharded by rank.
-
-A data directory (from `minillm prepare`) holds train.bin, val.bin, meta.json and
-tokenizer.json; minillm.checkpoint checks it and copies the tokenizer into the run directory.
+"""The PyTorch trainer's view of a prepared data directory (`minillm prepare`, checked by
+minillm.checkpoint.check_data_dir): batches as tensors, sharded by rank.
 """
 
 from __future__ import annotations
@@ -45,5 +43,4 @@ class RunData:
 
 
 def _to(a, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(a).long()
-    return t.to(device, non_blocking=True) if device.type != "cpu" else t
+    return torch.from_numpy(a).long().to(device, non_blocking=True)  # on the CPU: no copy

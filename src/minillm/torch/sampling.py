@@ -6,14 +6,7 @@ applied in the order Hugging Face `transformers` uses, which is also the order t
 
     repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> draw
 
-- repetition penalty (Keskar et al. 2019, CTRL): a logit of an already-seen token is divided by
-  the penalty when positive and multiplied by it when negative, so the token gets less likely.
-- temperature: logits / T. T < 1 sharpens, T > 1 flattens; T = 0 means greedy (argmax).
-- top-k (Fan et al. 2018): keep the k largest logits (ties with the k-th are kept).
-- top-p, nucleus (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
-  probability mass reaches p.
-- min-p (Nguyen et al. 2024): keep tokens whose probability is at least min_p times the
-  probability of the most likely token.
+Each filter's docstring names its paper and its rule; temperature 0 means greedy (argmax).
 """
 
 from __future__ import annotations
@@ -56,17 +49,19 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Ten
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits (B, V); seen (B, V) bool, True for every token already in the row's context."""
+    """Keskar et al. 2019 (CTRL): a seen token's logit is divided by the penalty when positive and
+    multiplied by it when negative. logits (B, V); seen (B, V) bool, True if in the row's context."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T: T < 1 sharpens the distribution, T > 1 flattens it."""
     return logits if temperature == 1.0 else logits / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (and anything tied with the k-th)."""
+    """Top-k (Fan et al. 2018): keep the k largest logits of each row (and anything tied with the k-th)."""
     if k <= 0 or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
@@ -74,8 +69,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: sort by probability, drop every token whose more likely predecessors already
-    reach mass p. The most likely token always survives."""
+    """Top-p, nucleus (Holtzman et al. 2020): keep the smallest set of most likely tokens whose mass
+    reaches p, i.e. drop every token whose more likely predecessors already do. The best survives."""
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
@@ -88,7 +83,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p * (probability of the best token)."""
+    """Min-p (Nguyen et al. 2024): drop tokens whose probability is below min_p * the best token's."""
     if min_p <= 0.0:
         return logits
     probs = torch.softmax(logits, dim=-1)
@@ -114,10 +109,8 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig,
     return logits
 
 
-def sample_next(
-    logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
-    generators: list[torch.Generator] | None = None,
-) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,). Greedy when cfg.temperature == 0. Row b draws from
     generators[b] when given, so a row's tokens do not depend on the other rows in the batch."""
     logits = process_logits(logits, cfg, seen)

@@ -20,7 +20,7 @@ import torch
 from minillm import checkpoint
 from minillm.config import TrainConfig
 from minillm.schedule import lr_at
-from minillm.torch.model import Transformer, next_token_loss
+from minillm.torch.model import Transformer, model_params, next_token_loss
 from minillm.torch.optim import make_optimizer
 from minillm.torch.run_data import RunData
 from minillm.torch.trainer_state import restore_trainer_state, save_trainer_state
@@ -59,8 +59,7 @@ def setup_distributed() -> tuple[int, int]:
     """(rank, world_size); initialises torch.distributed when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return int(os.environ.get("RANK", 0)), world
@@ -91,9 +90,7 @@ class Trainer:
             self._resume()
         elif self.is_main:
             checkpoint.check_run_tokenizer(self.run_dir, self.data.dir)
-        self.ddp = self.model
-        if self.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         if cfg.compile:
             self.ddp = _try_compile(self.ddp, self.data.micro_batch, cfg.block_size, self.device)
 
@@ -123,9 +120,8 @@ class Trainer:
         self.best_val = val
         best = self.run_dir / "best"
         checkpoint.save_run_files(best, self.cfg, self.data.dir, self.data.meta)
-        checkpoint.save_tensors(best / checkpoint.MODEL_FILE, {
-            k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()},
-            metadata={"format": "minillm-1", "step": str(self.step), "val_loss": repr(val)})
+        meta = {"format": "minillm-1", "step": str(self.step), "val_loss": repr(val)}
+        checkpoint.save_tensors(best / checkpoint.MODEL_FILE, model_params(self.model), metadata=meta)
 
     # --- one optimizer step ------------------------------------------------------------------
     def autocast(self):
@@ -149,10 +145,7 @@ class Trainer:
                     loss = next_token_loss(self.ddp(x), y) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.item()
-        if self.world > 1:  # log the global batch's loss, not this rank's share
-            t = torch.tensor(total, device=self.device)
-            torch.distributed.all_reduce(t)
-            total = t.item() / self.world
+        total = self._mean_over_ranks(total)  # log the global batch's loss, not this rank's share
         self.scaler.unscale_(self.opt)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
@@ -174,12 +167,14 @@ class Trainer:
             with self.autocast():
                 losses.append(next_token_loss(self.model(x), y).item())
         self.model.train()
-        loss = float(np.mean(losses))
-        if self.world > 1:
-            t = torch.tensor(loss, device=self.device)
-            torch.distributed.all_reduce(t)
-            loss = t.item() / self.world
-        return loss
+        return self._mean_over_ranks(float(np.mean(losses)))
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor(value, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.world
 
     def describe(self) -> str:
         """The precision line: dtype "auto" may mean bf16 autocast, even on a CPU, so say which."""
@@ -203,4 +198,3 @@ def _try_compile(model, batch: int, block: int, device: torch.device):
         print(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); training without it",
               file=sys.stderr)
         return model
-

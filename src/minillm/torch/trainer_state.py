@@ -1,10 +1,5 @@
-"""What a PyTorch training checkpoint holds, and how it is written and read back exactly.
-
-One file is the unit of resume: `trainer_state.safetensors` holds the model weights, AdamW's
-moments and the RNG states as tensors, and every scalar (step, tokens seen, data-loader
-position, best val loss, ...) as JSON in its header. It is written atomically, so a kill at any
-moment leaves the previous complete checkpoint. `trainer_state.json` mirrors the scalars for
-people to read; `model.safetensors` is the latest weights for sampling and export.
+"""The PyTorch trainer's resume point: weights, AdamW's moments and RNG states as the tensors of
+minillm.checkpoint.write_trainer_state (which says what the files hold), read back exactly.
 """
 
 from __future__ import annotations
@@ -17,22 +12,13 @@ import torch
 
 from minillm import checkpoint
 from minillm.checkpoint import STATE_FILE
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    rng = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return rng
+from minillm.torch.model import model_params
 
 
 def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalars: dict[str, Any]) -> None:
     """Write trainer_state.safetensors (atomic; the resume point), its JSON mirror and model.safetensors."""
     run_dir = Path(run_dir)
-    tensors: dict[str, np.ndarray] = {}
-    params = model.state_dict()
-    for name, value in params.items():
-        tensors[f"model.{name}"] = value.detach().float().cpu().numpy()
+    tensors = {f"model.{name}": value for name, value in model_params(model).items()}
     opt_state = opt.state_dict()["state"]
     steps = {}
     for i, name in enumerate(names):
@@ -40,8 +26,9 @@ def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalar
             tensors[f"adam.exp_avg.{name}"] = opt_state[i]["exp_avg"].float().cpu().numpy()
             tensors[f"adam.exp_avg_sq.{name}"] = opt_state[i]["exp_avg_sq"].float().cpu().numpy()
             steps[name] = float(opt_state[i]["step"])
-    for key, value in _rng_tensors().items():
-        tensors[key] = value.cpu().numpy()
+    tensors["rng.torch"] = torch.get_rng_state().numpy()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
     checkpoint.write_trainer_state(run_dir, tensors, {**scalars, "adam_steps": steps})
 
 
@@ -60,8 +47,7 @@ def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.nd
                 "exp_avg": torch.from_numpy(tensors[f"adam.exp_avg.{name}"]).to(device),
                 "exp_avg_sq": torch.from_numpy(tensors[f"adam.exp_avg_sq.{name}"]).to(device),
             }
-    opt_sd = opt.state_dict()
-    opt.load_state_dict({"state": state, "param_groups": opt_sd["param_groups"]})
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     if "rng.torch" in tensors:  # absent in a state written by the JAX trainer
         torch.set_rng_state(torch.from_numpy(tensors["rng.torch"]))
     cuda_states = [torch.from_numpy(tensors[f"rng.cuda.{i}"]) for i in range(torch.cuda.device_count())
