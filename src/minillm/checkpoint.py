@@ -142,16 +142,18 @@ def load_run(run_dir: str | Path):
 STATE_FILE = "trainer_state.safetensors"
 
 
-def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], scalars: dict[str, Any],
+                        model_file: bool = True) -> None:
     """One atomic file is the unit of resume: trainer_state.safetensors holds the tensors
     (`model.<name>`, `adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`, `rng.*`) and every scalar
-    as JSON in its header. Then trainer_state.json mirrors the scalars for people, and
-    model.safetensors gets the latest weights for sampling and export."""
+    as JSON in its header. Then trainer_state.json mirrors the scalars for people, and (unless
+    model_file is False: the trainer writes its own) model.safetensors gets the latest weights."""
     run_dir = Path(run_dir)
     save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
     atomic_write_json(run_dir / "trainer_state.json", scalars)
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    save_tensors(run_dir / MODEL_FILE, weights, metadata={"format": "minillm-1"})
+    if model_file:
+        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        save_tensors(run_dir / MODEL_FILE, weights, metadata={"format": "minillm-1"})
 
 
 def read_trainer_state(run_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -109,7 +109,7 @@ def run_loop(t: Trainer) -> dict:
         # --- budget: steps, tokens or training seconds, whichever ends first ---
         while not _out_of_budget(t, clock):
             loss, grad_norm = t.train_step()  # raises NonFiniteLoss before a bad update
-            if t.step == 0 and t.is_main:
+            if t.step == 0 and t.is_main and not getattr(t, "pretrained", False):  # fine-tuning: skip
                 _check_step0(bar, loss, cfg.model.vocab_size)
             t.step, t.tokens = t.step + 1, t.tokens + cfg.batch_size * cfg.block_size  # global batch
             losses.append(loss)

@@ -18,11 +18,7 @@ class RunData:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.dir = Path(cfg.data_dir)
         self.meta = checkpoint.check_data_dir(self.dir, cfg.model.vocab_size)
-        micro = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
-        if micro % world:
-            raise ValueError(f"micro-batch {micro} (batch_size / grad_accum) must be divisible by "
-                             f"the number of ranks ({world})")
-        self.micro_batch = micro // world  # this rank's share
+        micro, self.micro_batch = split_batch(cfg, world)
         self.train = BatchLoader(self.dir, cfg.block_size, micro, seed=cfg.seed, rank=rank, world_size=world)
         # Validation: the same random windows at every eval, drawn from the whole val split
         # (the first windows alone would all come from one play).
@@ -40,6 +36,15 @@ class RunData:
         for _ in range(self.cfg.eval_batches):
             x, y = self.val.next_batch()
             yield _to(x, device), _to(y, device)
+
+
+def split_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(sequences per micro-step on all ranks together, this rank's share)."""
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % world:
+        raise ValueError(f"micro-batch {micro} (batch_size / grad_accum) must be divisible by "
+                         f"the number of ranks ({world})")
+    return micro, micro // world
 
 
 def _to(a, device: torch.device) -> torch.Tensor:

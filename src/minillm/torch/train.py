@@ -23,7 +23,7 @@ from minillm.schedule import lr_at
 from minillm.torch.model import Transformer, model_params, next_token_loss
 from minillm.torch.optim import make_optimizer
 from minillm.torch.run_data import RunData
-from minillm.torch.trainer_state import restore_trainer_state, save_trainer_state
+from minillm.torch.trainer_state import restore_optimizer, save_trainer_state, state_weights
 from minillm.train_loop import NonFiniteLoss
 from minillm.viz.metrics import MetricsLog
 
@@ -79,9 +79,9 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(self.device, cfg.dtype)
         self.run_dir = Path(cfg.out_dir)
-        self.data = RunData(cfg, self.rank, self.world)
+        self.data = self.make_data()
         torch.manual_seed(cfg.seed)
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = self.make_model().to(self.device)
         self.opt, self.names = make_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
@@ -94,11 +94,34 @@ class Trainer:
         if cfg.compile:
             self.ddp = _try_compile(self.ddp, self.data.micro_batch, cfg.block_size, self.device)
 
+    # --- what a subclass may swap (minillm.torch.sft): data, model, the weights a checkpoint holds --
+    def make_data(self) -> RunData:
+        return RunData(self.cfg, self.rank, self.world)
+
+    def make_model(self) -> torch.nn.Module:
+        return Transformer(self.cfg.model)
+
+    def state_params(self) -> dict[str, np.ndarray]:
+        """The weights the resume point holds (all of them when pretraining)."""
+        return model_params(self.model)
+
+    def restore_params(self, weights: dict[str, np.ndarray]) -> None:
+        checkpoint.check_params(self.cfg.model, weights, f"trainer state ({checkpoint.STATE_FILE})")
+        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+
+    def write_run_files(self, run_dir: Path) -> None:
+        checkpoint.save_run_files(run_dir, self.cfg, self.data.dir, self.data.meta)
+
+    def save_weights(self, run_dir: Path, metadata: dict[str, str] | None = None) -> None:
+        checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, model_params(self.model),
+                                metadata={"format": "minillm-1", **(metadata or {})})
+
     # --- checkpoints -------------------------------------------------------------------------
     def _resume(self) -> None:
         tensors, s = checkpoint.read_trainer_state(self.run_dir)
         checkpoint.check_resume(self.run_dir, self.data.dir, self.cfg.model)
-        restore_trainer_state(self.model, self.opt, self.names, tensors, s, self.cfg.model)
+        self.restore_params(state_weights(tensors))
+        restore_optimizer(self.opt, self.names, tensors, s, self.device)
         self.step, self.tokens, self.elapsed = s["step"], s["tokens"], s["elapsed"]
         self.best_val = s["best_val"]
         loader = s["loader"]  # {rank: state} under DDP, one state otherwise
@@ -113,15 +136,15 @@ class Trainer:
     def save(self) -> None:
         scalars = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed, best_val=self.best_val,
                        loader=self.data.train.state_dict())
-        checkpoint.save_run_files(self.run_dir, self.cfg, self.data.dir, self.data.meta)
-        save_trainer_state(self.run_dir, self.model, self.opt, self.names, scalars)
+        self.write_run_files(self.run_dir)
+        save_trainer_state(self.run_dir, self.state_params(), self.opt, self.names, scalars)
+        self.save_weights(self.run_dir)
 
     def save_best(self, val: float) -> None:
         self.best_val = val
         best = self.run_dir / "best"
-        checkpoint.save_run_files(best, self.cfg, self.data.dir, self.data.meta)
-        meta = {"format": "minillm-1", "step": str(self.step), "val_loss": repr(val)}
-        checkpoint.save_tensors(best / checkpoint.MODEL_FILE, model_params(self.model), metadata=meta)
+        self.write_run_files(best)
+        self.save_weights(best, {"step": str(self.step), "val_loss": repr(val)})
 
     # --- one optimizer step ------------------------------------------------------------------
     def autocast(self):

@@ -11,14 +11,13 @@ import numpy as np
 import torch
 
 from minillm import checkpoint
-from minillm.checkpoint import STATE_FILE
-from minillm.torch.model import model_params
 
 
-def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalars: dict[str, Any]) -> None:
-    """Write trainer_state.safetensors (atomic; the resume point), its JSON mirror and model.safetensors."""
-    run_dir = Path(run_dir)
-    tensors = {f"model.{name}": value for name, value in model_params(model).items()}
+def save_trainer_state(run_dir: str | Path, params: dict[str, np.ndarray], opt, names: list[str],
+                       scalars: dict[str, Any]) -> None:
+    """Write trainer_state.safetensors (atomic; the resume point) and its JSON mirror: `params` (the
+    weights that train, as numpy), AdamW's moments by name and the RNG states."""
+    tensors = {f"model.{name}": value for name, value in params.items()}
     opt_state = opt.state_dict()["state"]
     steps = {}
     for i, name in enumerate(names):
@@ -29,16 +28,17 @@ def save_trainer_state(run_dir: str | Path, model, opt, names: list[str], scalar
     tensors["rng.torch"] = torch.get_rng_state().numpy()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    checkpoint.write_trainer_state(run_dir, tensors, {**scalars, "adam_steps": steps})
+    checkpoint.write_trainer_state(Path(run_dir), tensors, {**scalars, "adam_steps": steps}, model_file=False)
 
 
-def restore_trainer_state(model, opt, names: list[str], tensors: dict[str, np.ndarray], scalars: dict,
-                          config) -> None:
-    """Load weights, AdamW moments and RNG states saved by save_trainer_state."""
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    checkpoint.check_params(config, weights, f"trainer state ({STATE_FILE})")
-    device = next(model.parameters()).device
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+def state_weights(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The `params` that save_trainer_state stored, by name."""
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def restore_optimizer(opt, names: list[str], tensors: dict[str, np.ndarray], scalars: dict,
+                      device: torch.device) -> None:
+    """Load the AdamW moments and RNG states saved by save_trainer_state."""
     state = {}
     for i, name in enumerate(names):
         if f"adam.exp_avg.{name}" in tensors:
