@@ -1,0 +1,137 @@
+"""Supervised fine-tuning in PyTorch: the pretraining Trainer with three parts swapped.
+
+- the data: chat-template batches of a conversation source (minillm.data.sft) instead of token
+  shards, with prompt and padding targets set to -100 so only the answers are learned;
+- the model: the base run's weights, and for method "lora" adapters on a frozen base
+  (minillm.torch.lora), so the optimizer holds the adapters alone;
+- what a checkpoint holds: for LoRA, the adapter (adapter.safetensors + adapter.json) instead of
+  model.safetensors, and only the adapter in trainer_state.safetensors (the base is a file of its
+  own, named in config.json).
+Everything else (the loop, resume after a kill, Ctrl-C, the NaN stop, metrics) is pretraining's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minillm import checkpoint, finetune
+from minillm.config import TrainConfig
+from minillm.data import sft
+from minillm.files import atomic_write_json, read_json
+from minillm.finetune import FinetuneConfig
+from minillm.tokenizer import load_tokenizer
+from minillm.torch import lora
+from minillm.torch.model import load_model, model_from_params
+from minillm.torch.run_data import RunData, split_batch
+from minillm.torch.train import Trainer
+
+
+class SFTData(RunData):
+    """RunData's interface (train_batch, val_batches, micro_batch, dir, meta) over conversations."""
+
+    def __init__(self, cfg: TrainConfig, ft: FinetuneConfig, tokenizer, rank: int = 0, world: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.dir = Path(ft.base_run)  # the tokenizer the run copies is the base's
+        micro, self.micro_batch = split_batch(cfg, world)
+        pad = tokenizer.special_id("pad")
+        train, val = finetune.conversations(ft.data, ft.val_every)
+        train = sft.tokenize(tokenizer, train, cfg.block_size, ft.overlong)
+        val = sft.tokenize(tokenizer, val, cfg.block_size, ft.overlong, log=lambda _: None)
+        self.train = sft.SFTBatches(train, cfg.block_size, micro, pad, ft.layout, cfg.seed, rank, world)
+        self.val = sft.SFTBatches(val, cfg.block_size, min(micro, len(val)), pad, ft.layout, cfg.seed + 1,
+                                  rank, world)
+        self.meta = {"source": ft.data, "train_examples": len(train), "val_examples": len(val),
+                     "truncated": train.n_truncated, "skipped": train.n_skipped}
+
+
+class FinetuneTrainer(Trainer):
+    """The Trainer on SFT batches from a base run; full fine-tuning or LoRA."""
+
+    pretrained = True  # the step-0 loss is not ln(vocab_size): the loop does not flag it
+
+    def __init__(self, cfg: TrainConfig, ft: FinetuneConfig, resume: bool = False, quiet: bool | None = None):
+        self.ft = ft
+        saved = finetune.record(cfg.out_dir) if resume else None
+        if resume and saved != ft:
+            raise checkpoint.CheckpointError(f"{cfg.out_dir} was fine-tuned with other settings: "
+                                             f"saved {saved}, asked for {ft}")
+        self.tokenizer = load_tokenizer(Path(ft.base_run) / checkpoint.TOKENIZER_FILE)
+        super().__init__(cfg, resume, quiet)
+        if self.is_main:
+            print(self.describe_params())
+
+    def make_data(self) -> SFTData:
+        return SFTData(self.cfg, self.ft, self.tokenizer, self.rank, self.world)
+
+    def make_model(self) -> torch.nn.Module:
+        _, params = checkpoint.load_weights(self.ft.base_run, self.cfg.model)  # checks the shapes fit
+        model = model_from_params(self.cfg.model, params)
+        if self.ft.method == "lora":
+            lora.add_lora(model, self.ft.lora_rank, self.ft.lora_alpha, self.ft.lora_dropout, self.ft.targets)
+            lora.freeze_base(model)
+        return model
+
+    def describe_params(self) -> str:
+        s = lora.trainable_summary(self.model)
+        if self.ft.method == "full":
+            return f"full fine-tuning: {s['trainable']:,} trainable parameters"
+        return (f"LoRA rank {self.ft.lora_rank}: {s['trainable']:,} trainable parameters "
+                f"({100 * s['trainable'] / s['total']:.2f}% of {s['total']:,}); AdamW state "
+                f"{s['adamw_bytes_saved'] / 2**20:.1f} MiB smaller than full fine-tuning")
+
+    # --- what the run directory holds -------------------------------------------------------
+    def write_run_files(self, run_dir: Path) -> None:
+        super().write_run_files(run_dir)
+        config = read_json(run_dir / checkpoint.CONFIG_FILE, checkpoint.CheckpointError)
+        atomic_write_json(run_dir / checkpoint.CONFIG_FILE, {**config, "finetune": vars(self.ft)})
+
+    def state_params(self) -> dict[str, np.ndarray]:
+        if self.ft.method == "full":
+            return super().state_params()
+        trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}  # the adapter
+        return {n: p.detach().float().cpu().numpy() for n, p in trained.items()}
+
+    def restore_params(self, weights: dict) -> None:
+        if self.ft.method == "full":
+            return super().restore_params(weights)
+        expected = self.state_params()
+        if set(weights) != set(expected):
+            raise checkpoint.CheckpointError(f"{self.run_dir / checkpoint.STATE_FILE} holds other adapter "
+                                             f"tensors than this run's LoRA config makes")
+        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+
+    def save_weights(self, run_dir: Path, metadata: dict[str, str] | None = None) -> None:
+        if self.ft.method == "full":
+            return super().save_weights(run_dir, metadata)
+        lora.save_adapter(self.model, run_dir)
+
+
+def load_for_inference(run_dir: str | Path, adapter: str | Path | None = None):
+    """(model, tokenizer) for generation: a run's weights, or for a LoRA run its base's weights
+    with its adapter. `adapter` adds an adapter directory (ours: adapter.json, or peft's:
+    adapter_config.json) to a run with full weights. The adapter is merged in and the layers
+    turned back into nn.Linear, so the fast decoder (minillm.torch.packed) sees plain weights."""
+    run_dir = Path(run_dir)
+    ft = finetune.record(run_dir) if (run_dir / checkpoint.CONFIG_FILE).is_file() else None
+    if ft is not None and ft.method == "lora":
+        if adapter is not None:
+            raise ValueError(f"{run_dir} is a LoRA run (an adapter on {ft.base_run}); give --adapter "
+                             f"with the base run instead")
+        model, _ = load_model(ft.base_run)
+        tokenizer = load_tokenizer(run_dir / checkpoint.TOKENIZER_FILE)
+        adapter = run_dir
+    else:
+        model, tokenizer = load_model(run_dir)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if (adapter / "adapter_config.json").is_file():
+            from minillm.interop.peft import load_peft
+
+            load_peft(model, adapter)
+        else:
+            lora.load_adapter(model, adapter)
+        lora.strip_lora(model)
+    return model.eval(), tokenizer
