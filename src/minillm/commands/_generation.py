@@ -11,7 +11,10 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8,
                       max_new_tokens: int = 200) -> None:
     """--run, the decoding options, --seed, --compile, --threads."""
     p.add_argument("--run", required=True, metavar="DIR",
-                   help="run directory (config.json, tokenizer.json, model.safetensors)")
+                   help="run directory (config.json, tokenizer.json, model.safetensors or a LoRA adapter)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter to merge into --run's weights (a `finetune --method lora` run "
+                        "directory, or a peft adapter directory)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"tokens to generate (default {max_new_tokens})")
     p.add_argument("--temperature", type=float, default=temperature,
@@ -33,11 +36,11 @@ def load_for_generation(args: argparse.Namespace):
     """(model in eval mode, tokenizer) from --run; a clear error when the run has no tokenizer."""
     import torch
 
-    from minillm.torch.model import load_model
+    from minillm.torch.sft import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.run)
+    model, tokenizer = load_for_inference(args.run, getattr(args, "adapter", None))
     if tokenizer is None:
         raise ValueError(f"run directory {args.run} has no tokenizer.json; text generation needs one")
     return model, tokenizer

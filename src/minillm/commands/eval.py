@@ -1,11 +1,12 @@
 """`minillm eval`: perplexity of a run's model on a token file (`minillm prepare`'s train.bin /
-val.bin). The windowing and the loss are minillm.torch.evaluate.perplexity; this module only
-parses arguments and prints the result.
+val.bin), or exact-match accuracy on a task set (`--tasks`). The maths is minillm.torch.evaluate's
+(perplexity, answer_tasks) and minillm.data.tasks' (score); this module parses and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from minillm.data.loader import read_tokens
@@ -13,16 +14,28 @@ from minillm.data.loader import read_tokens
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "eval", help="perplexity of a model on a token file",
-        description="Mean next-token loss, perplexity and bits per token of the model in a run "
-                    "directory on a .bin token file (dtype from the meta.json next to it).",
-        epilog="example: minillm eval --run runs/shakespeare-char --data data/shakespeare-char")
+        "eval", help="perplexity on a token file, or exact-match accuracy on a task set",
+        description="With --data: mean next-token loss, perplexity and bits per token of the model in "
+                    "a run directory on a .bin token file (dtype from the meta.json next to it). With "
+                    "--tasks: exact-match accuracy of greedy answers on a task set's test split.",
+        epilog="examples: minillm eval --run runs/shakespeare-char --data data/shakespeare-char; "
+               "minillm eval --run runs/tasks-lora --tasks builtin:shakespeare-tasks --json")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory")
-    p.add_argument("--data", required=True, metavar="FILE_OR_DIR",
-                   help="a .bin token file, or a prepared data directory (then --split picks the file)")
-    p.add_argument("--split", default="val", help="file name in a data directory: SPLIT.bin (default val)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", metavar="FILE_OR_DIR",
+                      help="a .bin token file, or a prepared data directory (then --split picks the file)")
+    what.add_argument("--tasks", metavar="SOURCE",
+                      help='a task set: "builtin:shakespeare-tasks", a JSONL file, or a directory of '
+                           'SPLIT.jsonl files')
+    p.add_argument("--split", help="SPLIT.bin of a data directory (default val); task split (default test)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter to merge into --run's weights")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="--tasks: put K solved train examples before each question (for a base model)")
+    p.add_argument("--limit", type=int, help="--tasks: score only the first N examples")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--block-size", type=int, help="context per window (default: the model's max_seq_len)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows per forward pass, or questions decoded together (default 8)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=run)
@@ -31,16 +44,44 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from minillm.torch.evaluate import perplexity
-    from minillm.torch.model import load_model
+    from minillm.torch.sft import load_for_inference
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(args.run, args.adapter)
+    result = _tasks(args, model, tokenizer) if args.tasks else _perplexity(args, model)
+    if args.json:
+        print(json.dumps(result))
+    elif args.tasks:
+        print(f"{args.tasks} ({result['split']}): exact match {result['exact_match']:.3f} "
+              f"({result['correct']}/{result['total']})")
+        for kind, r in result["by_kind"].items():
+            print(f"  {kind}: {r['exact_match']:.3f} ({r['correct']}/{r['total']})")
+    else:
+        print(f"{args.data}: {result['tokens']:,} tokens, block {result['block_size']}")
+        print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.3f} | "
+              f"{result['bits_per_token']:.4f} bits/token")
+    return 0
+
+
+def _tasks(args: argparse.Namespace, model, tokenizer) -> dict:
+    from minillm.data import tasks
+    from minillm.torch.evaluate import answer_tasks
+
+    split = args.split or "test"
+    examples = tasks.load_tasks(args.tasks, split)[: args.limit]
+    train = tasks.load_tasks(args.tasks, "train") if args.few_shot else None
+    answers = answer_tasks(model, tokenizer, examples, train, args.few_shot, batch_size=args.batch_size)
+    return {**tasks.score(answers, examples), "split": split}
+
+
+def _perplexity(args: argparse.Namespace, model) -> dict:
+    from minillm.torch.evaluate import perplexity
+
     path = Path(args.data)
     if path.is_dir():
-        path = path / f"{args.split}.bin"
+        path = path / f"{args.split or 'val'}.bin"
     tokens = read_tokens(path)
-    model, _ = load_model(args.run)
     block_size = args.block_size or model.config.max_seq_len
     if not 1 <= block_size <= model.config.max_seq_len:
         raise ValueError(f"--block-size must be in [1, {model.config.max_seq_len}] (the model's max_seq_len)")
@@ -53,8 +94,4 @@ def run(args: argparse.Namespace) -> int:
     if int(tokens.max()) >= model.config.vocab_size:
         raise ValueError(f"{path} has id {int(tokens.max())}, "
                          f"outside the model's vocabulary ({model.config.vocab_size})")
-    result = perplexity(model, tokens, block_size, args.batch_size)
-    print(f"{path}: {result['tokens']:,} tokens, block {block_size}")
-    print(f"loss {result['loss']:.4f} nats/token | perplexity {result['perplexity']:.3f} | "
-          f"{result['bits_per_token']:.4f} bits/token")
-    return 0
+    return {**perplexity(model, tokens, block_size, args.batch_size), "block_size": block_size}

@@ -29,3 +29,29 @@ def perplexity(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batc
             count += y.numel()
     loss = total / count
     return {"tokens": count, "loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
+
+
+def answer_tasks(model: torch.nn.Module, tokenizer, examples: list[dict], train: list[dict] | None = None,
+                 shots: int = 0, max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """Greedy answers to task examples (minillm.data.tasks): each prompt is the chat-template render
+    of the conversation before its answer, after `shots` solved train examples of the same kind
+    (few-shot, for a model never fine-tuned). Prompts are decoded in batches of similar length;
+    a prompt longer than the context keeps its end."""
+    from minillm.data.tasks import few_shot_messages
+    from minillm.tokenizer import chat
+    from minillm.tokenizer.stream import text_pieces
+    from minillm.torch.generate import generate
+
+    room = model.config.max_seq_len - max_new_tokens
+    prompts = [chat.render(tokenizer, few_shot_messages(train, e, shots) if shots else e["messages"][:-1],
+                           add_generation_prompt=True)[-room:] for e in examples]
+    stops = chat.stop_strings(tokenizer), chat.stop_token_ids(tokenizer)
+    answers = [""] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # little left-padding per batch
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        outs = generate(model, [prompts[i] for i in rows], max_new_tokens, temperature=0.0,
+                        stop_token_ids=stops[1], stop_strings=stops[0], tokenizer=tokenizer)
+        for i, out in zip(rows, outs):
+            answers[i] = "".join(text_pieces(out, tokenizer, *stops))
+    return answers
