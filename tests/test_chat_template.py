@@ -3,8 +3,6 @@ prefix property, the plain-text fallback, and Hugging Face's `apply_chat_templat
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from minillm.data.sources import shakespeare_files
@@ -14,6 +12,7 @@ from minillm.tokenizer.chat import (
     hf_chat_template,
     render,
     render_for_training,
+    save_hf_tokenizer,
     stop_strings,
     stop_token_ids,
     uses_role_tokens,
@@ -172,15 +171,13 @@ def test_hf_template_rejects_unknown_roles(hf_pairs) -> None:
         hf.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
 
 
-def test_hf_directory_export_recipe(bpe, tmp_path) -> None:
-    """What an HF export directory needs for AutoTokenizer to chat like us: tokenizer.json plus a
-    tokenizer_config.json naming the special tokens and holding the template."""
+def test_hf_directory_export(bpe, tmp_path) -> None:
+    """AutoTokenizer on save_hf_tokenizer's directory chats like us: special tokens and template."""
     transformers = pytest.importorskip("transformers")
-    bpe.save_hf(tmp_path / "tokenizer.json")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-              "pad_token": "<|pad|>", "chat_template": hf_chat_template()}
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    save_hf_tokenizer(bpe, tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.eos_token_id == bpe.special_id("eos") and hf.pad_token_id == bpe.special_id("pad")
-    ids, _ = _hf_ids(hf, NO_SYSTEM[:1], add_generation_prompt=True)
-    assert ids == render(bpe, NO_SYSTEM[:1], add_generation_prompt=True)
+    assert hf.bos_token_id == bpe.special_id("bos")
+    for conversation, generation in ((NO_SYSTEM[:1], True), (CONVERSATION, False)):
+        ids, _ = _hf_ids(hf, conversation, add_generation_prompt=generation)
+        assert ids == render(bpe, conversation, add_generation_prompt=generation)

@@ -20,14 +20,18 @@ Tokenizers without role tokens (e.g. one imported from GPT-2) get a plain-text f
 "System text\\n", "User: text\\n", "Assistant: text\\n", generation prompt "Assistant:", each
 piece encoded on its own; replies stop at the stop string "\\nUser:" (`stop_strings`).
 
-`hf_chat_template()` is the same template as Jinja for Hugging Face's `chat_template` field;
-`apply_chat_template` on our exported tokenizer then gives the same ids.
+`hf_chat_template()` is the same template as Jinja for Hugging Face's `chat_template` field, and
+`save_hf_tokenizer` writes it with the tokenizer into an HF directory: `apply_chat_template` on
+the exported tokenizer then gives the same ids.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from minillm.files import atomic_write_json
 from minillm.tokenizer.base import SPECIAL_TOKENS
 
 ROLES = ("system", "user", "assistant")
@@ -139,3 +143,18 @@ def hf_chat_template() -> str:
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '" + gen + "' }}{% endif %}"
     )
+
+
+def save_hf_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """A Hugging Face tokenizer directory: tokenizer.json (`save_hf`) and a tokenizer_config.json
+    naming the special tokens and holding the chat template, so that
+    `AutoTokenizer.from_pretrained(directory).apply_chat_template(...)` gives `render`'s ids."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_hf(directory / "tokenizer.json")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config.update({f"{name}_token": SPECIAL_TOKENS[name] for name in ("bos", "eos", "pad")
+                   if SPECIAL_TOKENS[name] in tokenizer.special_tokens})
+    if uses_role_tokens(tokenizer):
+        config["chat_template"] = hf_chat_template()
+    atomic_write_json(directory / "tokenizer_config.json", config)
