@@ -48,7 +48,7 @@ def test_split_by_play_and_sizes(builtin) -> None:
     train, test = builtin["train"], builtin["test"]
     assert {e["play"] for e in test} == set(tasks.TEST_PLAYS)
     assert not {e["play"] for e in train} & set(tasks.TEST_PLAYS)
-    assert 2000 <= len(train) <= 6000 and 200 <= len(test) <= 1000
+    assert 20000 <= len(train) <= 30000 and len(test) == 600  # 30 per kind and test play
     for split in (train, test):
         counts = {k: sum(e["kind"] == k for e in split) for k in tasks.KINDS}
         assert min(counts.values()) >= 100, counts

@@ -41,7 +41,9 @@ BUILTIN = "builtin:shakespeare-tasks"
 SPLITS = ("train", "test")
 # Whole plays held out for testing (file stems of the built-in corpus).
 TEST_PLAYS = ("julius_caesar", "macbeth", "tempest", "twelfth_night", "much_ado_about_nothing")
-PER_PLAY = 30  # examples of each kind drawn from each play
+# Examples of each kind drawn from each play: many to train on (a small model learns a skill, not
+# the examples, from thousands of them), a fixed 30 per kind and play to test.
+PER_PLAY = {"train": 250, "test": 30}
 KINDS = ("speaker", "next_word", "last_word", "uppercase")
 PROMPTS = {"speaker": "Speaker: ", "next_word": "Next word: ", "last_word": "Last word: ",
            "uppercase": "Uppercase: "}
@@ -153,8 +155,9 @@ def shakespeare_tasks(root: Path | None = None) -> dict[str, list[dict[str, Any]
             if kind == "next_word":  # the prefix must have one continuation in the whole corpus
                 made = [e for e in made if e and _one_continuation(sorted_lines, _question(e))]
             made = [e for e in made if e]
-            chosen = random.Random(f"{play}/{kind}").sample(made, min(PER_PLAY, len(made)))
-            split["test" if play in TEST_PLAYS else "train"] += chosen
+            name = "test" if play in TEST_PLAYS else "train"
+            chosen = random.Random(f"{play}/{kind}").sample(made, min(PER_PLAY[name], len(made)))
+            split[name] += chosen
     return split
 
 
