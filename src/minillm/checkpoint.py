@@ -186,13 +186,15 @@ def check_data_dir(data_dir: str | Path, vocab_size: int) -> dict[str, Any]:
     return meta
 
 
-def save_run_files(run_dir: str | Path, cfg: TrainConfig, data_dir: str | Path, meta: dict[str, Any]) -> None:
+def save_run_files(run_dir: str | Path, cfg: TrainConfig, data_dir: str | Path, meta: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> None:
     """What makes a trainer's run directory self-contained besides weights: a copy of the data's
-    tokenizer and config.json ({"model": ..., "train": ..., "data": meta.json})."""
+    tokenizer and config.json ({"model": ..., "train": ..., "data": meta.json, **extra})."""
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / TOKENIZER_FILE, (Path(data_dir) / TOKENIZER_FILE).read_text(encoding="utf-8"))
     train = {k: v for k, v in cfg.to_dict().items() if k != "model"}
-    atomic_write_json(run_dir / CONFIG_FILE, {"model": cfg.model.to_dict(), "train": train, "data": meta})
+    atomic_write_json(run_dir / CONFIG_FILE, {"model": cfg.model.to_dict(), "train": train, "data": meta,
+                                              **(extra or {})})
 
 
 def check_resume(run_dir: str | Path, data_dir: str | Path, model: ModelConfig) -> None:

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from minillm.data import tasks
 from minillm.data.loader import read_tokens
 
 
@@ -65,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace, model, tokenizer) -> dict:
-    from minillm.data import tasks
     from minillm.torch.evaluate import answer_tasks
 
     split = args.split or "test"

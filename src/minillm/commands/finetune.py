@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from minillm.finetune import FinetuneConfig
+from minillm.finetune import FinetuneConfig, finetune_configs
+from minillm.train_loop import train
 
 
 def register(sub) -> None:
@@ -35,9 +36,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minillm.finetune import finetune_configs
     from minillm.torch.sft import FinetuneTrainer
-    from minillm.train_loop import train
 
     cfg, ft = finetune_configs(args.run, args.data, args.out, args.method, args.overrides)
     if cfg.backend != "torch":

@@ -1,6 +1,7 @@
-"""Perplexity of a model on a token array, over the windows of `minillm.data.loader.eval_batches`
-(tail=True: every token after the first is predicted exactly once, from up to block_size tokens).
-Loss is the mean next-token cross-entropy in nats; perplexity = exp(loss); bits = loss / ln 2.
+"""Two measures of a model: perplexity on a token array, over the windows of
+`minillm.data.loader.eval_batches` (tail=True: every token after the first is predicted exactly
+once, from up to block_size tokens; loss is the mean next-token cross-entropy in nats, perplexity
+= exp(loss), bits = loss / ln 2), and greedy answers to a task set (scored by minillm.data.tasks).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from minillm.data.loader import eval_batches
+from minillm.data.tasks import few_shot_messages
+from minillm.tokenizer import chat
+from minillm.tokenizer.stream import text_pieces
+from minillm.torch.generate import generate
 
 
 def perplexity(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 8) -> dict:
@@ -37,11 +42,6 @@ def answer_tasks(model: torch.nn.Module, tokenizer, examples: list[dict], train:
     of the conversation before its answer, after `shots` solved train examples of the same kind
     (few-shot, for a model never fine-tuned). Prompts are decoded in batches of similar length;
     a prompt longer than the context keeps its end."""
-    from minillm.data.tasks import few_shot_messages
-    from minillm.tokenizer import chat
-    from minillm.tokenizer.stream import text_pieces
-    from minillm.torch.generate import generate
-
     room = model.config.max_seq_len - max_new_tokens
     prompts = [chat.render(tokenizer, few_shot_messages(train, e, shots) if shots else e["messages"][:-1],
                            add_generation_prompt=True)[-room:] for e in examples]

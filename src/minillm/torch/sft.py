@@ -4,9 +4,9 @@
   shards, with prompt and padding targets set to -100 so only the answers are learned;
 - the model: the base run's weights, and for method "lora" adapters on a frozen base
   (minillm.torch.lora), so the optimizer holds the adapters alone;
-- what a checkpoint holds: for LoRA, the adapter (adapter.safetensors + adapter.json) instead of
-  model.safetensors, and only the adapter in trainer_state.safetensors (the base is a file of its
-  own, named in config.json).
+- what a checkpoint holds: for LoRA, the adapter (adapter.safetensors + adapter.json, and for the
+  LLaMA family peft's format in peft/) instead of model.safetensors, and only the adapter in
+  trainer_state.safetensors (the base is a file of its own, named in config.json).
 Everything else (the loop, resume after a kill, Ctrl-C, the NaN stop, metrics) is pretraining's.
 """
 
@@ -20,8 +20,9 @@ import torch
 from minillm import checkpoint, finetune
 from minillm.config import TrainConfig
 from minillm.data import sft
-from minillm.files import atomic_write_json, read_json
 from minillm.finetune import FinetuneConfig
+from minillm.interop.hf import family
+from minillm.interop.peft import load_peft, save_peft
 from minillm.tokenizer import load_tokenizer
 from minillm.torch import lora
 from minillm.torch.model import load_model, model_from_params
@@ -84,9 +85,8 @@ class FinetuneTrainer(Trainer):
 
     # --- what the run directory holds -------------------------------------------------------
     def write_run_files(self, run_dir: Path) -> None:
-        super().write_run_files(run_dir)
-        config = read_json(run_dir / checkpoint.CONFIG_FILE, checkpoint.CheckpointError)
-        atomic_write_json(run_dir / checkpoint.CONFIG_FILE, {**config, "finetune": vars(self.ft)})
+        extra = {"finetune": vars(self.ft)}  # names the base: what resume and inference load
+        checkpoint.save_run_files(run_dir, self.cfg, self.data.dir, self.data.meta, extra)
 
     def state_params(self) -> dict[str, np.ndarray]:
         if self.ft.method == "full":
@@ -107,6 +107,8 @@ class FinetuneTrainer(Trainer):
         if self.ft.method == "full":
             return super().save_weights(run_dir, metadata)
         lora.save_adapter(self.model, run_dir)
+        if family(self.cfg.model) == "llama":  # and in peft's format, for peft + transformers users
+            save_peft(self.model, run_dir / "peft")
 
 
 def load_for_inference(run_dir: str | Path, adapter: str | Path | None = None):
@@ -128,8 +130,6 @@ def load_for_inference(run_dir: str | Path, adapter: str | Path | None = None):
     if adapter is not None:
         adapter = Path(adapter)
         if (adapter / "adapter_config.json").is_file():
-            from minillm.interop.peft import load_peft
-
             load_peft(model, adapter)
         else:
             lora.load_adapter(model, adapter)
