@@ -8,7 +8,7 @@ BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 DEMO_CONFIG ?= configs/shakespeare-char-cpu.toml
 
-.PHONY: setup lint test test-slow demo bench clean
+.PHONY: setup lint test test-slow demo finetune-demo bench clean
 
 # The package and its runtime dependencies: enough for `make demo`.
 $(BASE): pyproject.toml Makefile
@@ -40,6 +40,18 @@ demo: $(BASE)
 	$(PY) -m minillm.cli prepare --source shakespeare --tokenizer char --out data/shakespeare-char
 	$(PY) -m minillm.cli train --config $(DEMO_CONFIG)
 	$(PY) -m minillm.cli sample --run runs/shakespeare-char-cpu --prompt "ROMEO:" --max-new-tokens 500 --sliding-window --seed 1
+
+# Pretrain a BPE base (reused when present), fine-tune it with LoRA on the built-in task set, print
+# exact-match accuracy before (3-shot) and after, and one chat exchange on a held-out question.
+FT_BASE ?= runs/shakespeare-bpe-base
+finetune-demo: $(BASE)
+	$(PY) -m minillm.cli prepare --source shakespeare --tokenizer bpe --vocab-size 1024 --out data/shakespeare-bpe
+	test -f $(FT_BASE)/model.safetensors || $(PY) -m minillm.cli train --config configs/shakespeare-bpe-base.toml
+	$(PY) -m minillm.cli eval --run $(FT_BASE) --tasks builtin:shakespeare-tasks --few-shot 3
+	rm -rf runs/tasks-lora
+	$(PY) -m minillm.cli finetune --run $(FT_BASE) --data builtin:shakespeare-tasks --method lora --out runs/tasks-lora
+	$(PY) -m minillm.cli eval --run runs/tasks-lora --tasks builtin:shakespeare-tasks
+	printf 'Last word: So oft as that shall be,\n/exit\n' | $(PY) -m minillm.cli chat --run runs/tasks-lora --temperature 0
 
 bench: $(FULL)
 	@echo "benchmarks: see BENCHMARKS.md for each script's command"
