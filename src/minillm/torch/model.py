@@ -65,11 +65,17 @@ class Transformer(nn.Module):
         (minillm.torch.kv_cache). mask: (T, S) or (B, 1, T, S) bool, True = may attend; None =
         causal. keep_weights: keep each block's attention weights in `block.attn.last_weights`
         (uses the plain-math attention path)."""
+        return self.lm_head(self.hidden(tokens, positions, kv_caches, mask, keep_weights))
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               kv_caches: list | None = None, mask: torch.Tensor | None = None,
+               keep_weights: bool = False) -> torch.Tensor:
+        """forward without lm_head: the final normed hidden states (B, T, D)."""
         x = self.embed(tokens, positions)
         rope = self.rope(positions, tokens.size(1))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, kv_caches[i] if kv_caches is not None else None, mask, keep_weights)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) token embeddings plus additive positions."""

@@ -83,6 +83,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = self.make_model().to(self.device)
         self.opt, self.names = make_optimizer(cfg, self.model)
+        self.trained = [p for group in self.opt.param_groups for p in group["params"]]  # what clipping sees
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -147,6 +148,10 @@ class Trainer:
         self.save_weights(best, {"step": str(self.step), "val_loss": repr(val)})
 
     # --- one optimizer step ------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a micro-batch, x and y (b, T); through DDP / compile when on."""
+        return next_token_loss(self.ddp(x), y)
+
     def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -165,13 +170,13 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.world == 1 else self.ddp.no_sync()
             with sync:
                 with self.autocast():
-                    loss = next_token_loss(self.ddp(x), y) / cfg.grad_accum
+                    loss = self.loss(x, y) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.item()
         total = self._mean_over_ranks(total)  # log the global batch's loss, not this rank's share
         self.scaler.unscale_(self.opt)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, max_norm).item()
         # fp16's GradScaler skips steps with inf gradients by design; otherwise inf/NaN stops the run
         if not math.isfinite(total) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled()):
             raise NonFiniteLoss(total if not math.isfinite(total)
