@@ -40,7 +40,7 @@ def load_for_generation(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.run, getattr(args, "adapter", None))
+    model, tokenizer = load_for_inference(args.run, args.adapter)
     if tokenizer is None:
         raise ValueError(f"run directory {args.run} has no tokenizer.json; text generation needs one")
     return model, tokenizer

@@ -107,8 +107,8 @@ class FinetuneTrainer(Trainer):
     def restore_params(self, weights: dict) -> None:
         if self.ft.method == "full":
             return super().restore_params(weights)
-        expected = self.state_params()
-        if set(weights) != set(expected):
+        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}  # the adapter's
+        if set(weights) != expected:
             raise checkpoint.CheckpointError(f"{self.run_dir / checkpoint.STATE_FILE} holds other adapter "
                                              f"tensors than this run's LoRA config makes")
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
