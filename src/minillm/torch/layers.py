@@ -134,12 +134,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
          is_causal: bool) -> torch.Tensor:
     """F.scaled_dot_product_attention, the fused kernel. Under CPU bf16 autocast it runs in float32:
     there its bf16 backward is ~4x slower than the fp32 one (BENCHMARKS.md), while the matmuls
-    around it keep bf16's 2x. q (B, H, T, hd); k, v (B, H, S, hd) -> (B, H, T, hd)."""
+    around it keep bf16's 2x. q (B, H, T, hd); k, v (B, K, S, hd) -> (B, H, T, hd). K < H (GQA): the
+    kernel shares each K/V head among H / K query heads itself, without repeat_interleave's copies."""
+    gqa = k.size(1) != q.size(1)
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                  dropout_p=dropout_p, is_causal=is_causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+                                                  dropout_p=dropout_p, is_causal=is_causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -170,16 +173,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, K, S, hd)
-        if self.n_kv_heads != self.n_heads:  # each K/V head serves a group of query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         p = self.dropout if self.training else 0.0
         if self.use_sdpa and not keep_weights:
             causal = mask is None and k.size(2) == T  # is_causal is top-left aligned: only T == S
             if mask is None and not causal:
                 mask = causal_mask(T, k.size(2), x.device)
-            y = sdpa(q, k, v, mask, p, causal)
+            y = sdpa(q, k, v, mask, p, causal)  # shares each K/V head among H / K query heads itself
         else:
+            if self.n_kv_heads != self.n_heads:  # each K/V head serves a group of query heads
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, hd)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             y, weights = attention_math(q, k, v, mask, p)
             self.last_weights = weights.detach() if keep_weights else None
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
