@@ -93,8 +93,10 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None or name not in self.configs or self.merged:
             return y
-        A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        return y + B(A(drop(x))) * self.configs[name].scaling  # (..., r) in between
+        h = self.lora_A[name](self.lora_dropout[name](x)).flatten(0, -2)  # (N, r)
+        # y + (alpha / r) · h Bᵀ as one fused multiply-add: the scaling touches (N, r), not (N, out)
+        return torch.addmm(y.flatten(0, -2), h, self.lora_B[name].weight.t(), alpha=self.configs[name].scaling
+                           ).view(y.shape)
 
     def merge(self) -> bool:
         """W += (alpha / r) · B A (out, in), keeping W. False if there is nothing to merge."""
@@ -195,8 +197,8 @@ def trainable_summary(model: nn.Module, bytes_per_value: int = 4) -> dict[str, i
     """Parameter counts and the memory LoRA saves against full fine-tuning of the base: AdamW keeps
     2 values per trainable parameter (exp_avg, exp_avg_sq) and each has a gradient, 1 value."""
     params = list(model.parameters())  # each tensor once (a tied embedding counts once)
-    base = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    base, trainable = (sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n),
+                       sum(p.numel() for p in params if p.requires_grad))
     return dict(trainable=trainable, base=base, total=sum(p.numel() for p in params),
                 adamw_bytes_saved=2 * (base - trainable) * bytes_per_value,
                 grad_bytes_saved=(base - trainable) * bytes_per_value)
@@ -230,12 +232,8 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     """Canonical name -> tensor: '{path}.lora_A.weight' (r, in) and '{path}.lora_B.weight' (out, r)."""
     name = name if name is not None else active_adapter(model)
     adapter_config(model, name)  # raises for an unknown name
-    out = {}
-    for path, m in lora_layers(model).items():
-        if name in m.configs:
-            out[f"{path}.lora_A.weight"] = m.lora_A[name].weight.detach()
-            out[f"{path}.lora_B.weight"] = m.lora_B[name].weight.detach()
-    return out
+    return {f"{path}.lora_{ab}.weight": getattr(m, f"lora_{ab}")[name].weight.detach()  # ab: A, then B
+            for path, m in lora_layers(model).items() if name in m.configs for ab in "AB"}
 
 
 def load_adapter_state(model: nn.Module, config: LoRAConfig, tensors: dict, name: str = "default",
@@ -243,10 +241,9 @@ def load_adapter_state(model: nn.Module, config: LoRAConfig, tensors: dict, name
     """Add adapter `name` with these A/B values (canonical names), after checking every name and
     shape against the model; nothing changes if a check fails. Errors name `source` and the tensor."""
     config.validate(source, CheckpointError)
-    shapes = {}  # the tensors an adapter with this config has on this model
-    for path, m in target_layers(model, config.targets).items():
-        shapes[f"{path}.lora_A.weight"] = (config.rank, m.in_features)
-        shapes[f"{path}.lora_B.weight"] = (m.out_features, config.rank)
+    shapes = {k: v for path, m in target_layers(model, config.targets).items()  # what this config makes
+              for k, v in ((f"{path}.lora_A.weight", (config.rank, m.in_features)),
+                           (f"{path}.lora_B.weight", (m.out_features, config.rank)))}
     unexpected = sorted(k for k in tensors if k not in shapes)
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (not a {list(config.targets)} "
