@@ -182,6 +182,9 @@ class Trainer:
             raise NonFiniteLoss(total if not math.isfinite(total)
                                 else f"finite, but gradient norm {grad_norm}")
         self.scaler.step(self.opt)
+        # The fused AdamW kernel writes the weights without bumping their version counters, which
+        # is how generation's packed copy (torch/packed.py) sees that weights changed: bump them.
+        torch.autograd.graph.increment_version(self.trained)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         return total, grad_norm
