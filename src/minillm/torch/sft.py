@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minillm import checkpoint, finetune
+from minillm import align, checkpoint, finetune
 from minillm.config import TrainConfig
 from minillm.data import sft
 from minillm.finetune import FinetuneConfig
@@ -128,11 +128,12 @@ def load_for_inference(run_dir: str | Path, adapter: str | Path | None = None):
     turned back into nn.Linear, so the fast decoder (minillm.torch.packed) sees plain weights."""
     run_dir = Path(run_dir)
     ft = finetune.record(run_dir) if (run_dir / checkpoint.CONFIG_FILE).is_file() else None
-    if ft is not None and ft.method == "lora":
+    base = ft.base_run if ft is not None and ft.method == "lora" else align.adapter_base(run_dir)
+    if base is not None:  # a LoRA run: an adapter on a base run, or an alignment's on its SFT run
         if adapter is not None:
-            raise ValueError(f"{run_dir} is a LoRA run (an adapter on {ft.base_run}); give --adapter "
+            raise ValueError(f"{run_dir} is a LoRA run (an adapter on {base}); give --adapter "
                              f"with the base run instead")
-        model, _ = load_model(ft.base_run)
+        model, _ = load_for_inference(base)  # merged: an SFT run may itself be a LoRA run
         tokenizer = load_tokenizer(run_dir / checkpoint.TOKENIZER_FILE)
         adapter = run_dir
     else:
