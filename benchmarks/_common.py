@@ -3,11 +3,15 @@ puts benchmarks/ on sys.path).
 
 - train_steps: the benchmarks' one PyTorch training loop (forward, loss, backward, clipping,
   AdamW), so every script times the same step;
-- alternate: runs variants in turn, round after round, so a busy machine slows them alike.
+- alternate: runs variants in turn, round after round, so a busy machine slows them alike;
+- machine: the line a report records about the machine, the packages and the load.
 """
 
 from __future__ import annotations
 
+import importlib.metadata as metadata
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,3 +44,14 @@ def alternate(runs: dict[str, Callable[[int], float]], rounds: int, steps: int,
         for name, run in runs.items():
             results[name].append(run(steps))
     return results
+
+
+def machine(packages: tuple[str, ...] = ("torch",)) -> str:
+    """CPU model, vCPUs, memory, Python and package versions, the UTC time and the load average."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in packages)
+    return (f"{cpu}, {os.cpu_count()} vCPUs, {memory:.0f} GiB; Python {platform.python_version()}, "
+            f"{versions}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
+            + ", ".join(f"{x:.1f}" for x in os.getloadavg()))

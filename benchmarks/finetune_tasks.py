@@ -1,31 +1,30 @@
 """Fine-tuning on the built-in task set: exact-match accuracy on its test split (plays never
 fine-tuned on), trainable parameters, peak memory and time of the majority answer, the base model
-with a 3-shot prompt, full SFT, LoRA rank 8 and 32 (alpha = 2 x rank), and the anchor: peft +
+with a 3-shot prompt, full SFT, LoRA at --ranks (alpha = 2 x rank), and the anchor: peft +
 transformers training the same LoRA on the same batches.
 
     python benchmarks/finetune_tasks.py [--base runs/shakespeare-bpe-base] [--steps 300] [--rounds 3]
     python benchmarks/finetune_tasks.py --base /tmp/small-base --quick      # a smoke test
 
 Each training and evaluation is its own process (`minillm finetune` / `minillm eval` as users run
-them; --peft-worker for the anchor): peak memory is its maximum RSS. All run fp32 on the same
-threads. Training time excludes setup, evaluation and checkpoints (ours: the loop's clock,
-trainer_state.json `elapsed`; the anchor: Trainer's `train_runtime`); ours / peft is the median
-over --rounds pairs of fresh runs, alternating which goes first.
+them; --peft-worker for the anchor): peak memory is its maximum RSS. The rows run in --dtype on the
+same threads. Training time excludes setup, evaluation and checkpoints (ours: the loop's clock,
+trainer_state.json `elapsed`; the anchor: Trainer's `train_runtime`). Speed, ours / peft: ms per
+step of fresh --timing-steps runs in each of --timing-dtypes (bfloat16: CPU autocast on both sides),
+median over --rounds pairs, alternating which goes first.
 
 The anchor: the base's interop.hf.to_transformers export, peft's get_peft_model (same targets,
-rank, alpha, dropout), transformers' `Trainer` (trl's SFTTrainer subclasses it to tokenize, which
-must not differ here) with our AdamW settings, batch, steps, warm-up and cosine to min_lr (its
-warm-up starts at 0, ours at lr / (warmup + 1)), fed our batches step for step, so both first-step
-losses must agree. Its adapter is scored by `minillm eval --adapter` (interop.peft.load_peft).
+rank, alpha, dropout), transformers' `Trainer` (trl's SFTTrainer subclasses it to tokenize) with our
+AdamW settings, batch, steps, warm-up and cosine to min_lr (its warm-up starts at 0, ours at
+lr / (warmup + 1)), fed our batches step for step, so both first-step losses must agree. Its
+adapter is scored by `minillm eval --adapter` (interop.peft.load_peft).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT
+from _common import ROOT, machine
 
 from minillm.checkpoint import load_tensors
 from minillm.data import tasks  # framework-free: the task set, its majority baseline and kinds
@@ -66,7 +65,7 @@ def n_values(path: Path) -> int:
 def overrides(args: argparse.Namespace, rank: int | None = None) -> list[str]:
     """The --set pairs of one of our runs (LoRA when rank is given); the anchor reads the same list."""
     lora = [f"lora_rank={rank}", f"lora_alpha={2 * rank}"] if rank else []
-    return [*lora, f"max_steps={args.steps}", 'dtype="float32"', f"threads={args.threads}"]
+    return [*lora, f"max_steps={args.steps}", f'dtype="{args.dtype}"', f"threads={args.threads}"]
 
 
 # --- the rows -----------------------------------------------------------------------------------------
@@ -87,12 +86,12 @@ class Bench:
         wall, rss, out = run_measured(cmd, self.env, self.work / f"{name}-eval.log")
         return {**json.loads(out.strip().splitlines()[-1]), "eval_s": wall, "eval_rss_mib": rss}
 
-    def train_ours(self, name: str, rank: int | None = None) -> dict:
-        """`minillm finetune`: full SFT, or LoRA of this rank."""
-        out = self.work / name
-        cmd = [sys.executable, "-m", "minillm.cli", "finetune", "--run", str(self.args.base), "--data", TASKS,
+    def train_ours(self, name: str, rank: int | None = None, args: argparse.Namespace | None = None) -> dict:
+        """`minillm finetune`: full SFT, or LoRA of this rank; `args` (steps, dtype) default to the rows'."""
+        out, args = self.work / name, args or self.args
+        cmd = [sys.executable, "-m", "minillm.cli", "finetune", "--run", str(args.base), "--data", TASKS,
                "--method", "lora" if rank else "full", "--out", str(out), "--quiet",
-               *[a for s in overrides(self.args, rank) for a in ("--set", s)]]
+               *[a for s in overrides(args, rank) for a in ("--set", s)]]
         wall, rss, _ = run_measured(cmd, self.env, self.work / f"{name}-train.log")
         state = json.loads((out / "trainer_state.json").read_text())
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -101,9 +100,9 @@ class Bench:
                 "trainable": n_values(out / ("adapter.safetensors" if rank else "model.safetensors")),
                 "first_loss": first}
 
-    def train_peft(self, name: str) -> dict:
-        out, a = self.work / name, self.args
-        cmd = [sys.executable, __file__, "--peft-worker", str(out), "--base", str(a.base),
+    def train_peft(self, name: str, a: argparse.Namespace | None = None) -> dict:
+        out, a = self.work / name, a or self.args
+        cmd = [sys.executable, __file__, "--peft-worker", str(out), "--base", str(a.base), "--dtype", a.dtype,
                "--steps", str(a.steps), "--ranks", str(a.ranks[0]), "--threads", str(a.threads)]
         wall, rss, _ = run_measured(cmd, self.env, self.work / f"{name}-train.log")
         return {"dir": str(out), **json.loads((out / PEFT_LOG).read_text()), "train_wall_s": wall,
@@ -127,20 +126,24 @@ class Bench:
                   f"training {trained['train_s']:.1f} s", file=sys.stderr, flush=True)
         return rows
 
-    def timing_rounds(self, rows: dict[str, dict]) -> dict:
-        """Training seconds of our LoRA and peft's at the anchor rank, round after round (round 0 is
-        the rows'), alternating which goes first so that a drifting machine slows both alike."""
-        r = self.args.ranks[0]
-        times = {"ours": [rows[f"LoRA r{r}"]["train_s"]], "peft": [rows[f"peft LoRA r{r}"]["train_s"]]}
-        for i in range(1, self.args.rounds):
-            for side in ("ours", "peft") if i % 2 == 0 else ("peft", "ours"):  # round 0 ran ours first
-                train = (lambda name: self.train_ours(name, r)) if side == "ours" else self.train_peft
-                times[side].append(train(f"round{i}-{side}")["train_s"])
-            print(f"round {i}: ours {times['ours'][-1]:.1f} s, peft {times['peft'][-1]:.1f} s",
-                  file=sys.stderr, flush=True)
-        ratios = [o / t for o, t in zip(times["ours"], times["peft"])]
-        return {"rank": r, "ours_s": times["ours"], "peft_s": times["peft"], "ratios": ratios,
-                "ratio_median": statistics.median(ratios)}
+    def timing_rounds(self) -> dict[str, dict]:
+        """Per dtype: ms per step of our LoRA and peft's at the anchor rank over --timing-steps steps,
+        round after round, alternating which goes first so that a drifting machine slows both alike."""
+        out, r = {}, self.args.ranks[0]
+        for dtype in self.args.timing_dtypes:
+            a = argparse.Namespace(**{**vars(self.args), "steps": self.args.timing_steps, "dtype": dtype})
+            ms: dict[str, list[float]] = {}
+            for i in range(self.args.rounds):
+                for side in ("ours", "peft") if i % 2 == 0 else ("peft", "ours"):
+                    train = self.train_ours(f"{dtype}-{i}-{side}", r, a) if side == "ours" else \
+                        self.train_peft(f"{dtype}-{i}-{side}", a)
+                    ms.setdefault(side, []).append(1000 * train["train_s"] / a.steps)
+                print(f"{dtype} round {i}: ms/step ours {ms['ours'][-1]:.1f}, peft {ms['peft'][-1]:.1f}",
+                      file=sys.stderr, flush=True)
+            ratios = [o / t for o, t in zip(ms["ours"], ms["peft"])]
+            out[dtype] = {"ours_ms": ms["ours"], "peft_ms": ms["peft"], "ratios": ratios,
+                          "ratio_median": statistics.median(ratios)}
+        return out
 
 
 # --- the anchor: peft + transformers' Trainer (a subprocess: python finetune_tasks.py --peft-worker DIR) -
@@ -185,7 +188,7 @@ def peft_worker(args: argparse.Namespace) -> None:
         adam_beta2=cfg.beta2, adam_epsilon=cfg.eps, max_grad_norm=cfg.grad_clip, optim="adamw_torch_fused",
         seed=cfg.seed, logging_steps=cfg.log_interval, logging_first_step=True, save_strategy="no",
         report_to="none", use_cpu=True, remove_unused_columns=False, train_sampling_strategy="sequential",
-        disable_tqdm=True)
+        disable_tqdm=True, bf16=cfg.dtype == "bfloat16")  # bf16: torch.autocast on the CPU, as ours
     trainer = Trainer(model=model, args=hf_args, train_dataset=anchor_batches(cfg, ft))
     seconds = trainer.train().metrics["train_runtime"]  # its training loop, after setup, before saving
     model.save_pretrained(str(out))
@@ -194,16 +197,6 @@ def peft_worker(args: argparse.Namespace) -> None:
 
 
 # --- the report ---------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor() or platform.machine())
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft"))
-    return (f"{cpu}, {os.cpu_count()} vCPUs, {memory:.0f} GiB; Python {platform.python_version()}, "
-            f"{versions}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
-            + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
-
-
 def import_rss(bench: Bench) -> dict[str, float]:
     """Peak RSS (MiB) of processes that only import each side's libraries: the floor under its figures."""
     codes = {"torch + minillm": "import torch, minillm.torch.sft",
@@ -234,18 +227,19 @@ def table(rows: dict[str, dict]) -> str:
 
 def findings(report: dict) -> list[str]:
     """The issue's goals, each with its figure."""
-    rows, t = report["rows"], report["timing"]
+    rows, r0 = report["rows"], report["settings"]["ranks"][0]
     em = {label: 100 * r["exact_match"] for label, r in rows.items()}  # percent
-    full, ours, peft = rows["full SFT"], rows[f"LoRA r{t['rank']}"], rows[f"peft LoRA r{t['rank']}"]
+    full, ours, peft = rows["full SFT"], rows[f"LoRA r{r0}"], rows[f"peft LoRA r{r0}"]
     out = [f"full SFT {em['full SFT']:.1f}% vs base 3-shot {em['base, 3-shot']:.1f}% "
            f"(majority answer {em['majority answer']:.1f}%)"]
     out += [f"LoRA r{r}: {em[f'LoRA r{r}'] - em['full SFT']:+.1f} points from full SFT (goal: within 5) with "
             f"{100 * rows[f'LoRA r{r}']['trainable'] / full['trainable']:.2f}% of its trainable parameters "
             f"(goal: <= 5%)" for r in report["settings"]["ranks"]]
-    ours_s, peft_s = statistics.median(t["ours_s"]), statistics.median(t["peft_s"])
-    out.append(f"training time ours / peft + transformers, LoRA r{t['rank']}: {t['ratio_median']:.2f}x, "
-               f"median of {len(t['ratios'])} round(s) ({', '.join(f'{x:.2f}x' for x in t['ratios'])}; "
-               f"ours {ours_s:.1f} s, peft {peft_s:.1f} s; goal <= 0.7x)")
+    med = statistics.median
+    out += [f"time per step ours / peft + transformers, LoRA r{r0}, {dtype}: {t['ratio_median']:.2f}x, median"
+            f" of {len(t['ratios'])} round(s) ({', '.join(f'{x:.2f}x' for x in t['ratios'])}; ours "
+            f"{med(t['ours_ms']):.1f} ms, peft {med(t['peft_ms']):.1f} ms; goal <= 0.7x)"
+            for dtype, t in report["timing"].items()]
     out.append(f"accuracy ours {100 * ours['exact_match']:.1f}% vs peft {100 * peft['exact_match']:.1f}%; "
                f"first-step loss (same batch, adapters start at zero: must agree) ours "
                f"{ours['first_loss']:.4f}, peft {peft['first_loss']:.4f}")
@@ -257,7 +251,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=ROOT / "runs/shakespeare-bpe-base", help="the base run")
     ap.add_argument("--steps", type=int, help="optimizer steps of every fine-tuning (default 300; --quick 3)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of the rows' runs")
     ap.add_argument("--rounds", type=int, help="timing rounds of ours vs peft, median (default 3; --quick 1)")
+    ap.add_argument("--timing-steps", type=int, help="steps of each timed run (default 300; --quick 3)")
+    ap.add_argument("--timing-dtypes", nargs="+", default=["float32", "bfloat16"], help="(bf16: autocast)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32],
                     help="LoRA ranks, alpha = 2 x rank; peft trains the first too (default 8 32)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (all CPUs)")
@@ -270,11 +267,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.base, quick = args.base.resolve(), args.quick  # the runs record the base's path
     args.steps = args.steps or (3 if quick else 300)
     args.rounds = args.rounds or (1 if quick else 3)
+    args.timing_steps = args.timing_steps or (3 if quick else 300)
     args.limit = args.limit or (16 if quick else None)
     if not (args.base / "model.safetensors").is_file():
         ap.error(f"--base {args.base}: not a trained run directory (no model.safetensors)")
-    if min(args.steps, args.rounds, args.threads, *args.ranks) < 1:
-        ap.error("--steps, --rounds, --threads and --ranks must be positive")
+    if min(args.steps, args.rounds, args.timing_steps, args.threads, *args.ranks) < 1:
+        ap.error("--steps, --rounds, --timing-steps, --threads and --ranks must be positive")
     return args
 
 
@@ -286,10 +284,10 @@ def main() -> None:
     print(f"runs and logs in {bench.work}", file=sys.stderr, flush=True)
     rows = bench.rows()
     command = "python benchmarks/finetune_tasks.py " + " ".join(sys.argv[1:])
-    report = {"command": command, "machine": machine(),
+    report = {"command": command, "machine": machine(("torch", "transformers", "peft")),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "rows": rows, "timing": bench.timing_rounds(rows), "import_rss_mib": import_rss(bench)}
-    print(f"\n    {report['command']}\n\nmachine: {report['machine']}; threads {args.threads}, fp32, "
+              "rows": rows, "timing": bench.timing_rounds(), "import_rss_mib": import_rss(bench)}
+    print(f"\n    {report['command']}\n\nmachine: {report['machine']}; threads {args.threads}, {args.dtype}, "
           f"{args.steps} steps\n\n{table(rows)}\n")
     print("\n".join(f"- {line}" for line in findings(report)))
     if args.out:
