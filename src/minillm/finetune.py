@@ -31,6 +31,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "q,k,v,o,up,gate,down"  # comma-separated linear layers of each block
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B learns at this multiple of A's lr
     overlong: str = "truncate"  # or "skip": examples longer than block_size + 1 ids
     layout: str = "pad"  # "pad": one example per row; "pack": examples back to back
     val_every: int = 20  # every val_every-th example is held out for the validation loss
@@ -41,8 +42,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"FinetuneConfig.{name} must be one of {choices}, got {value!r}")
-        if self.lora_rank < 1 or self.val_every < 2:
-            raise ValueError("FinetuneConfig.lora_rank must be >= 1 and val_every >= 2")
+        if self.lora_rank < 1 or self.val_every < 2 or not self.loraplus_lr_ratio > 0:
+            raise ValueError("FinetuneConfig.lora_rank must be >= 1, val_every >= 2, loraplus_lr_ratio > 0")
 
     @property
     def targets(self) -> tuple[str, ...]:

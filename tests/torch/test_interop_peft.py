@@ -73,6 +73,38 @@ def test_logits_and_gradients_match_peft():
     assert n == 2 * 7 * 2
 
 
+def test_loraplus_steps_match_peft():
+    """LoRA+ (B at 16x A's learning rate) through our make_optimizer and Trainer's lr_scale rule, against
+    peft's create_loraplus_optimizer: the same adapters after two AdamW steps on the same loss."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from minillm.config import TrainConfig
+    from minillm.torch.optim import make_optimizer
+
+    model, peft_model = _pair()
+    lora.freeze_base(model)
+    lr, ratio = 1e-2, 16.0
+    cfg = TrainConfig(lr=lr, weight_decay=0.0)
+    ours = make_optimizer(cfg, model, lambda name: ratio if ".lora_B." in name else 1.0)[0]
+    for group in ours.param_groups:  # what Trainer.train_step does each step with the schedule's lr
+        group["lr"] = lr * group["lr_scale"]
+    theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=0.0)
+    for _ in range(2):
+        for m, opt in ((model, ours), (peft_model, theirs)):
+            logits = m(TOKENS) if m is model else m(input_ids=TOKENS).logits
+            logits.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    their_params = dict(peft_model.named_parameters())
+    for i in range(model.config.n_layers):
+        for ours_name, their_name in MODULES.items():
+            layer = model.get_submodule(f"blocks.{i}.{ours_name}")
+            for ab in "AB":
+                their = their_params[f"base_model.model.model.layers.{i}.{their_name}.lora_{ab}.default.weight"]
+                _close(getattr(layer, f"lora_{ab}")["default"].weight, their)
+
+
 def test_adapter_saved_by_peft_loads_here(tmp_path):
     model, peft_model = _pair(targets=("q", "v", "down"))
     peft_model.save_pretrained(tmp_path)

@@ -4,6 +4,8 @@ The learning rate (minillm.schedule.lr_at) and clipping are applied by Trainer.t
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from minillm.config import TrainConfig
@@ -18,16 +20,23 @@ def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return [n for n, d in mask.items() if d], [n for n, d in mask.items() if not d]
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.AdamW, list[str]]:
-    """AdamW (Loshchilov & Hutter 2019) with two parameter groups, weight decay on decay_split's;
-    returns (optimizer, names in optimizer order) so checkpoints store the moments by name."""
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr_scale: Callable[[str], float] | None = None
+                   ) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW (Loshchilov & Hutter 2019), weight decay on decay_split's parameters; lr_scale(name)
+    multiplies a parameter's scheduled learning rate (1 by default; LoRA+ raises B's). One group per
+    (decay, scale) pair, its "lr_scale" read by Trainer.train_step. Returns (optimizer, names in
+    optimizer order) so checkpoints store the moments by name."""
     decay, no_decay = decay_split(model)
-    params = dict(model.named_parameters())
-    groups = [{"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
-              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+    params, by_group = dict(model.named_parameters()), {}
+    for names, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+        for n in names:
+            by_group.setdefault((wd, lr_scale(n) if lr_scale else 1.0), []).append(n)
+    groups = [{"params": [params[n] for n in names], "weight_decay": wd, "lr_scale": scale}
+              for (wd, scale), names in by_group.items()]
+    order = [n for names in by_group.values() for n in names]
     # The fused kernel does the whole update in one pass per tensor: ~5x faster than foreach on
     # CPU for a 0.8M-parameter model, 4% of the whole training step (BENCHMARKS.md).
-    fused = all(params[n].device.type in ("cpu", "cuda") for n in decay + no_decay)
+    fused = all(params[n].device.type in ("cpu", "cuda") for n in order)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused,
                             foreach=None if fused else True)
-    return opt, decay + no_decay
+    return opt, order

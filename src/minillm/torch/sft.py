@@ -84,6 +84,10 @@ class FinetuneTrainer(Trainer):
                 f"({100 * s['trainable'] / s['total']:.2f}% of {s['total']:,}); AdamW state "
                 f"{s['adamw_bytes_saved'] / 2**20:.1f} MiB smaller than full fine-tuning")
 
+    def lr_scale(self, name: str) -> float:
+        """LoRA+ (Hayou et al. 2024): B (zero at the start) learns loraplus_lr_ratio times faster than A."""
+        return self.ft.loraplus_lr_ratio if ".lora_B." in name else 1.0
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """lm_head and the loss at trained positions only (the answers, ~15% of a batch): the same
         mean as next_token_loss over all positions, for less compute. DDP / compile: the wrapper."""

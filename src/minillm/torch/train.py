@@ -82,7 +82,7 @@ class Trainer:
         self.data = self.make_data()
         torch.manual_seed(cfg.seed)
         self.model = self.make_model().to(self.device)
-        self.opt, self.names = make_optimizer(cfg, self.model)
+        self.opt, self.names = make_optimizer(cfg, self.model, self.lr_scale)
         self.trained = [p for group in self.opt.param_groups for p in group["params"]]  # what clipping sees
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
@@ -101,6 +101,10 @@ class Trainer:
 
     def make_model(self) -> torch.nn.Module:
         return Transformer(self.cfg.model)
+
+    def lr_scale(self, name: str) -> float:
+        """A parameter's multiple of the scheduled learning rate (1 for all when pretraining)."""
+        return 1.0
 
     def state_params(self) -> dict[str, np.ndarray]:
         """The weights the resume point holds (all of them when pretraining)."""
@@ -162,7 +166,7 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         total = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.data.train_batch(self.device)  # (b, T) each, b = batch_size / (grad_accum * world)
