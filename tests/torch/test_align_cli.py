@@ -55,7 +55,7 @@ def runs(env, prefs_file, tmp_path_factory):
     23 training pairs (the 24th is held out), so the loss must fall step after step."""
     root = tmp_path_factory.mktemp("align")
     before = digests(env["full"])
-    for name, pairs in (("full", ()), ("lora", ("lora_rank=4", "lr=1e-2"))):
+    for name, pairs in (("full", ("lr=5e-4",)), ("lora", ("lora_rank=4", "lr=1e-2"))):
         assert cli(align_args(env["full"], prefs_file, root / name, "dpo", "max_steps=12",
                               f"batch_size={len(EXAMPLES) - 1}", *pairs)) == 0
     assert digests(env["full"]) == before, "alignment wrote into the SFT run"

@@ -193,8 +193,8 @@ class GRPOTrainer(FinetuneTrainer):
         (with the exact reward: the error rate), so that lower is better as for a loss."""
         examples = self.data.val[:self.cfg.eval_batches * self.cfg.batch_size]
         with grpo.plain_weights(self.model):
-            answers = answer_tasks(self.model, self.tokenizer, examples, self.ac.max_new_tokens,
-                                   batch_size=self.cfg.batch_size)
+            answers = answer_tasks(self.model, self.tokenizer, examples,
+                                   max_new_tokens=self.ac.max_new_tokens, batch_size=self.cfg.batch_size)
         mean = float(np.mean([self.reward(a, e) for a, e in zip(answers, examples)]))
         self.val_metrics = {"val_reward": mean}
         return self._mean_over_ranks(1.0 - mean)
