@@ -4,7 +4,8 @@ puts benchmarks/ on sys.path).
 - train_steps: the benchmarks' one PyTorch training loop (forward, loss, backward, clipping,
   AdamW), so every script times the same step;
 - alternate: runs variants in turn, round after round, so a busy machine slows them alike;
-- machine: the line a report records about the machine, the packages and the load.
+- machine: the line a report records about the machine, the packages and the load;
+- run_measured: one child process (a `minillm` command as users run it), its wall time and peak RSS.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,3 +57,18 @@ def machine(packages: tuple[str, ...] = ("torch",)) -> str:
     return (f"{cpu}, {os.cpu_count()} vCPUs, {memory:.0f} GiB; Python {platform.python_version()}, "
             f"{versions}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
             + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+
+def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[float, float, str]:
+    """(wall s, peak RSS MiB, stdout) of one child; its stderr, then its stdout, go to `log`."""
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
+            stdout = proc.stdout.read()  # to its end, when the child exits
+            _, status, usage = os.wait4(proc.pid, 0)  # its own rusage (RUSAGE_CHILDREN: max of all)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        err.write(stdout)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  log: {log}")
+    return wall, usage.ru_maxrss / 1024, stdout  # ru_maxrss is in KiB on Linux

@@ -26,35 +26,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import ROOT, machine
+from _common import ROOT, machine, run_measured
 
 from minillm.checkpoint import load_tensors
 from minillm.data import tasks  # framework-free: the task set, its majority baseline and kinds
 from minillm.files import atomic_write_json
 
 TASKS, PEFT_LOG = tasks.BUILTIN, "peft_timing.json"  # the task set; the anchor's figures in its run
-
-
-# --- running one measured process -----------------------------------------------------------------------
-def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[float, float, str]:
-    """(wall s, peak RSS MiB, stdout) of one child; its stderr, then its stdout, go to `log`."""
-    start = time.perf_counter()
-    with open(log, "w") as err:
-        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
-            stdout = proc.stdout.read()  # to its end, when the child exits
-            _, status, usage = os.wait4(proc.pid, 0)  # its own rusage (RUSAGE_CHILDREN: max of all)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        err.write(stdout)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n  log: {log}")
-    return wall, usage.ru_maxrss / 1024, stdout  # ru_maxrss is in KiB on Linux
 
 
 def n_values(path: Path) -> int:
