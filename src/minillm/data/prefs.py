@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from minillm.data import sft
 from minillm.data.sft import IGNORE_INDEX
 from minillm.files import atomic_write_text
 from minillm.tokenizer.chat import render, render_for_training, validate_messages
@@ -55,22 +56,7 @@ def parse_pair(obj: Any) -> dict[str, Any]:
 
 def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All pairs of a preference JSONL file (blank lines skipped); errors name `file:line`."""
-    pairs = []
-    with open(path, "rb") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(parse_pair(json.loads(line.decode("utf-8"))))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid UTF-8 ({e.reason})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not JSON ({e.msg} at column {e.colno})") from None
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_number}: {e}") from None
-    if not pairs:
-        raise ValueError(f"{path}: no preference pairs (empty file)")
-    return pairs
+    return sft.read_jsonl(path, parse_pair, "preference pairs")
 
 
 def write_pairs(pairs: list[dict[str, Any]], path: str | os.PathLike) -> None:

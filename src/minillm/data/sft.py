@@ -64,15 +64,15 @@ def parse_record(obj: Any) -> dict[str, Any]:
     return record
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of an SFT JSONL file (blank lines skipped); errors name `file:line`."""
+def read_jsonl(path: str | os.PathLike, parse: Callable[[Any], Any], what: str = "examples") -> list[Any]:
+    """parse(object) of every line of a JSONL file (blank lines skipped); errors name `file:line`."""
     records = []
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(parse_record(json.loads(line.decode("utf-8"))))
+                records.append(parse(json.loads(line.decode("utf-8"))))
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: not valid UTF-8 ({e.reason})") from None
             except json.JSONDecodeError as e:
@@ -80,8 +80,13 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             except ValueError as e:
                 raise ValueError(f"{path}:{line_number}: {e}") from None
     if not records:
-        raise ValueError(f"{path}: no examples (empty file)")
+        raise ValueError(f"{path}: no {what} (empty file)")
     return records
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of an SFT JSONL file (parse_record's shape)."""
+    return read_jsonl(path, parse_record)
 
 
 # --- tokenizing -----------------------------------------------------------------------------------------
