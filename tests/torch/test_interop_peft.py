@@ -101,8 +101,8 @@ def test_loraplus_steps_match_peft():
         for ours_name, their_name in MODULES.items():
             layer = model.get_submodule(f"blocks.{i}.{ours_name}")
             for ab in "AB":
-                their = their_params[f"base_model.model.model.layers.{i}.{their_name}.lora_{ab}.default.weight"]
-                _close(getattr(layer, f"lora_{ab}")["default"].weight, their)
+                their = f"base_model.model.model.layers.{i}.{their_name}.lora_{ab}.default.weight"
+                _close(getattr(layer, f"lora_{ab}")["default"].weight, their_params[their])
 
 
 def test_adapter_saved_by_peft_loads_here(tmp_path):
