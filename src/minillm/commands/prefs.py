@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from minillm.data import prefs, tasks
@@ -37,8 +38,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
 
     from minillm.torch.prefs import build_pairs
