@@ -145,9 +145,10 @@ STATE_FILE = "trainer_state.safetensors"
 def write_trainer_state(run_dir: str | Path, tensors: dict[str, np.ndarray], scalars: dict[str, Any],
                         model_file: bool = True) -> None:
     """One atomic file is the unit of resume: trainer_state.safetensors holds the tensors
-    (`model.<name>`, `adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`, `rng.*`) and every scalar
-    as JSON in its header. Then trainer_state.json mirrors the scalars for people, and (unless
-    model_file is False: the trainer writes its own) model.safetensors gets the latest weights."""
+    (`model.<name>`, `adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`, `muon.momentum.<name>`,
+    `rng.*`) and every scalar as JSON in its header. Then trainer_state.json mirrors the scalars for
+    people, and (unless model_file is False: the trainer writes its own) model.safetensors gets the
+    latest weights."""
     run_dir = Path(run_dir)
     save_tensors(run_dir / STATE_FILE, tensors, metadata={"scalars": json.dumps(scalars)})
     atomic_write_json(run_dir / "trainer_state.json", scalars)

@@ -144,6 +144,15 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global norm; 0 turns clipping off
+    # optimizer: "adamw" for every parameter, or "muon" (Jordan et al. 2024; minillm.torch.muon) for
+    # the 2-D matrices inside the blocks with AdamW (the settings above) for the rest. Muon's peak lr
+    # is its own: the schedule scales it as it scales lr (Muon's lr at step s = lr_at(s) / lr * muon_lr).
+    # Defaults: modded-nanogpt's Muon record and KellerJordan/Muon (lr 0.02, Nesterov momentum 0.95,
+    # no weight decay). PyTorch backend only.
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     # schedule: linear warmup, then cosine to min_lr | constant | warmup-stable-decay
     schedule: str = "cosine"
     warmup_steps: int = 100
@@ -174,8 +183,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.block_size ({self.block_size}) exceeds "
                              f"model.max_seq_len ({self.model.max_seq_len})")
         for name, choices in (("schedule", ("cosine", "constant", "wsd")), ("backend", ("torch", "jax")),
-                              ("dtype", ("auto", "float32", "bfloat16", "float16"))):
+                              ("dtype", ("auto", "float32", "bfloat16", "float16")),
+                              ("optimizer", ("adamw", "muon"))):
             _check_choice("TrainConfig", name, getattr(self, name), choices)
+        if self.optimizer == "muon":
+            self._validate_muon()
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
         if self.warmup_steps < 0:
@@ -184,6 +196,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.eval_interval < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.eval_interval, grad_clip and weight_decay must be >= 0")
+
+    def _validate_muon(self) -> None:
+        if self.backend != "torch":
+            raise ValueError(f"TrainConfig.optimizer='muon' needs backend='torch' (the {self.backend!r} "
+                             f"trainer has AdamW only), got backend={self.backend!r}")
+        if not self.lr > 0 or not self.muon_lr > 0:  # Muon's lr is muon_lr times lr_at(step) / lr
+            raise ValueError(f"TrainConfig.lr and muon_lr must be > 0 with optimizer='muon', "
+                             f"got lr={self.lr}, muon_lr={self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"TrainConfig.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_weight_decay < 0:
+            raise ValueError(f"TrainConfig.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
