@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from minillm.checkpoint import TOKENIZER_FILE
 from minillm.tokenizer.stream import special_ids
 
 
@@ -44,6 +46,23 @@ def load_for_generation(args: argparse.Namespace):
     if tokenizer is None:
         raise ValueError(f"run directory {args.run} has no tokenizer.json; text generation needs one")
     return model, tokenizer
+
+
+def load_draft(args: argparse.Namespace, model):
+    """The --draft run's model for speculative decoding, once it is known to share --run's
+    tokenizer (identical tokenizer.json files, same vocabulary size): else a one-line error."""
+    from minillm.torch.sft import load_for_inference
+
+    mine, theirs = Path(args.run) / TOKENIZER_FILE, Path(args.draft) / TOKENIZER_FILE
+    if not theirs.is_file() or theirs.read_bytes() != mine.read_bytes():
+        what = "differs from" if theirs.is_file() else "is missing, unlike"
+        raise ValueError(f"--draft {args.draft}: its {TOKENIZER_FILE} {what} the one of --run {args.run}; "
+                         f"the draft model must share the target's tokenizer")
+    draft, _ = load_for_inference(args.draft)
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"--draft {args.draft}: vocab_size {draft.config.vocab_size} in its config.json, "
+                         f"the target's is {model.config.vocab_size}; the vocabularies must be the same")
+    return draft.eval()
 
 
 def sampling_kwargs(args: argparse.Namespace, model, tokenizer) -> dict:

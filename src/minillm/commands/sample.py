@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minillm.commands._generation import add_sampling_args, load_for_generation, sampling_kwargs
+from minillm.commands._generation import add_sampling_args, load_draft, load_for_generation, sampling_kwargs
 from minillm.tokenizer.stream import special_ids, text_pieces
 
 
@@ -23,6 +23,11 @@ def register(sub) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: > 0 favours long outputs")
     p.add_argument("--stream", action="store_true", help="print text as it comes (one sample at a time)")
     p.add_argument("--backend", choices=("torch", "jax"), default="torch", help="framework running the model")
+    p.add_argument("--draft", metavar="DIR",
+                   help="speculative decoding: a smaller run with the same tokenizer proposes tokens that "
+                        "--run verifies (same output distribution; greedy: the same text)")
+    p.add_argument("--draft-k", type=int, default=4, metavar="K",
+                   help="tokens the draft proposes per round (default 4)")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -42,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = sampling_kwargs(args, model, tokenizer)
     # Sample i is seeded with seed + i, whether streamed one by one or generated as one batch.
     seeds = None if args.seed is None else [args.seed + i for i in range(args.num_samples)]
+    if args.draft:
+        return _run_speculative(args, text, ids, model, tokenizer, kwargs, seeds)
     if args.stream and args.num_beams == 1:  # a beam search result comes at once: no stream
         for i in range(args.num_samples):
             if i:
@@ -60,10 +67,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_speculative(args: argparse.Namespace, text: str, ids: list[int], model, tokenizer, kwargs: dict,
+                     seeds: list[int] | None) -> int:
+    """--draft: each sample on its own (speculative decoding runs at batch 1), printed as --stream
+    prints it (the same text the batched path prints)."""
+    from minillm.torch.speculative import speculative_stream
+
+    if args.num_beams > 1 or args.repetition_penalty not in (None, 1.0) or args.sliding_window:
+        raise ValueError("--draft works with plain sampling only: no --num-beams, --repetition-penalty "
+                         "or --sliding-window")
+    draft = load_draft(args, model)
+    for name in ("repetition_penalty", "context_overflow"):
+        kwargs.pop(name)
+    for i in range(args.num_samples):
+        if i:
+            print("---------------")
+        sys.stdout.write(text)
+        seed = None if seeds is None else seeds[i]
+        tokens = speculative_stream(model, draft, ids, args.max_new_tokens, k=args.draft_k, seed=seed,
+                                    tokenizer=tokenizer, **kwargs)
+        for piece in text_pieces(tokens, tokenizer, kwargs["stop_strings"], kwargs["stop_token_ids"]):
+            print(piece, end="", flush=args.stream)
+        print()
+    return 0
+
+
 def _run_jax(args: argparse.Namespace, text: str) -> int:
-    """The same sampler in JAX (minillm.jax.generate): every option but --stream and --compile."""
-    if args.stream or args.compile:
-        raise ValueError("--backend jax has no --stream or --compile (its decode step is always jitted)")
+    """The same sampler in JAX (minillm.jax.generate): every option but --stream, --compile and --draft."""
+    if args.stream or args.compile or args.draft:
+        raise ValueError("--backend jax has no --stream, --compile (its decode step is always jitted) "
+                         "or --draft")
     from minillm.jax.generate import sample_texts
 
     outs = sample_texts(args.run, text, args.num_samples, args.max_new_tokens, temperature=args.temperature,
