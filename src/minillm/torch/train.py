@@ -162,7 +162,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self) -> tuple[float, float]:
-        """grad_accum micro-steps then one AdamW update; returns (mean loss, grad norm before clipping)."""
+        """grad_accum micro-steps then one optimizer step; returns (mean loss, grad norm before clipping)."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.opt.param_groups:
