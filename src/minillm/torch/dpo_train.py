@@ -81,7 +81,18 @@ def mean_metrics(rows: list[dict[str, float]], prefix: str = "") -> dict[str, fl
     return {prefix + k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-class DPOTrainer(FinetuneTrainer):
+class StepDiagnostics:
+    """Trainer mixin: `loss` appends each micro-batch's diagnostics to self.micro_metrics, and
+    train_step averages them into self.step_metrics, which AlignMetricsLog joins to the step's row."""
+
+    def train_step(self) -> tuple[float, float]:
+        self.micro_metrics = []
+        out = super().train_step()
+        self.step_metrics = mean_metrics(self.micro_metrics)  # over the grad_accum micro-batches
+        return out
+
+
+class DPOTrainer(StepDiagnostics, FinetuneTrainer):
     """The Trainer on preference pairs from an SFT run: DPO or IPO, full weights or a LoRA adapter."""
 
     def __init__(self, cfg: TrainConfig, ac: AlignConfig, resume: bool = False, quiet: bool | None = None):
@@ -144,12 +155,6 @@ class DPOTrainer(FinetuneTrainer):
         loss, metrics = self.pair_loss(x, y)
         self.micro_metrics.append(metrics)
         return loss
-
-    def train_step(self) -> tuple[float, float]:
-        self.micro_metrics = []
-        out = super().train_step()
-        self.step_metrics = mean_metrics(self.micro_metrics)  # over the grad_accum micro-batches
-        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:

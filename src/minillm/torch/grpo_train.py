@@ -32,7 +32,7 @@ from minillm.config import TrainConfig
 from minillm.data import rewards, tasks
 from minillm.tokenizer import load_tokenizer
 from minillm.torch import grpo, lora
-from minillm.torch.dpo_train import AlignMetricsLog, finetune_view, mean_metrics
+from minillm.torch.dpo_train import AlignMetricsLog, StepDiagnostics, finetune_view
 from minillm.torch.evaluate import answer_tasks
 from minillm.torch.logprobs import IGNORE_INDEX, token_logprobs
 from minillm.torch.model import model_from_params, model_params
@@ -96,7 +96,7 @@ class GroupData:
         self.calls, self.batches = state["calls"], {int(k): v for k, v in state["batches"].items()}
 
 
-class GRPOTrainer(FinetuneTrainer):
+class GRPOTrainer(StepDiagnostics, FinetuneTrainer):
     """The Trainer on groups sampled from the policy; full weights or a LoRA adapter. `reward`: a
     Python callable (prediction, example) -> float instead of ac.reward's built-in. What a
     checkpoint holds (full weights, or the adapter alone) is fine-tuning's, hence the subclass."""
@@ -180,12 +180,6 @@ class GRPOTrainer(FinetuneTrainer):
                                        self.ac.clip_eps, self.ac.kl_coef)
         self.micro_metrics.append({**y, **{k: v.item() for k, v in metrics.items()}})
         return loss
-
-    def train_step(self) -> tuple[float, float]:
-        self.micro_metrics = []
-        out = super().train_step()
-        self.step_metrics = mean_metrics(self.micro_metrics)  # over the grad_accum micro-batches
-        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
