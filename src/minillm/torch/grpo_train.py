@@ -20,25 +20,20 @@ clip fraction; each eval row the held-out prompts' mean greedy reward (val_rewar
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minillm import align, checkpoint
+from minillm import align
 from minillm.align import AlignConfig
 from minillm.config import TrainConfig
 from minillm.data import rewards, tasks
-from minillm.tokenizer import load_tokenizer
-from minillm.torch import grpo, lora
-from minillm.torch.dpo_train import AlignMetricsLog, StepDiagnostics, finetune_view
+from minillm.torch import grpo
+from minillm.torch.align_train import AlignTrainer
 from minillm.torch.evaluate import answer_tasks
 from minillm.torch.logprobs import IGNORE_INDEX, token_logprobs
-from minillm.torch.model import model_from_params, model_params
 from minillm.torch.run_data import split_batch
-from minillm.torch.sft import FinetuneTrainer, load_for_inference
-from minillm.torch.train import Trainer
 
 
 class GroupData:
@@ -96,46 +91,23 @@ class GroupData:
         self.calls, self.batches = state["calls"], {int(k): v for k, v in state["batches"].items()}
 
 
-class GRPOTrainer(StepDiagnostics, FinetuneTrainer):
+class GRPOTrainer(AlignTrainer):
     """The Trainer on groups sampled from the policy; full weights or a LoRA adapter. `reward`: a
     Python callable (prediction, example) -> float instead of ac.reward's built-in. What a
     checkpoint holds (full weights, or the adapter alone) is fine-tuning's, hence the subclass."""
 
+    METHODS = ("grpo",)
+
     def __init__(self, cfg: TrainConfig, ac: AlignConfig, resume: bool = False, quiet: bool | None = None,
                  reward=None):
-        if ac.method != "grpo":
-            raise ValueError(f"GRPOTrainer trains method 'grpo', not {ac.method!r}")
-        self.ac, self.ft = ac, finetune_view(ac)
-        saved = align.record(cfg.out_dir) if resume else None
-        if resume and saved != ac:
-            raise checkpoint.CheckpointError(f"{cfg.out_dir} was aligned with other settings: "
-                                             f"saved {saved}, asked for {ac}")
         self.reward = rewards.reward_fn(reward if reward is not None else ac.reward)
-        self.tokenizer = load_tokenizer(Path(ac.sft_run) / checkpoint.TOKENIZER_FILE)
-        self.reference: torch.nn.Module | None = None  # set by make_model; None: the adapter off
-        self.micro_metrics: list[dict[str, float]] = []
-        self.step_metrics: dict[str, float] = {}
-        self.val_metrics: dict[str, float] = {}
-        Trainer.__init__(self, cfg, resume, quiet)  # FinetuneTrainer's __init__ checks a finetune record
-        if self.reference is not None:
-            self.reference.to(self.device)
+        super().__init__(cfg, ac, resume, quiet)
         self.data.rollout = self.rollout
-        self.metrics = AlignMetricsLog(self.metrics.path, self)  # train rows carry step_metrics
         if self.is_main:
             print(f"grpo (G = {ac.group_size}): {self.describe_params()}")
 
     def make_data(self) -> GroupData:
         return GroupData(self.cfg, self.ac, self.rank, self.world)
-
-    def make_model(self) -> torch.nn.Module:
-        sft_model, _ = load_for_inference(self.ac.sft_run)  # the SFT weights, any adapter merged in
-        model = model_from_params(self.cfg.model, model_params(sft_model))  # cfg.model: e.g. its dropout
-        if self.ac.lora_rank:
-            lora.add_lora(model, self.ac.lora_rank, self.ac.lora_alpha, 0.0, self.ac.targets)
-            lora.freeze_base(model)
-        else:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        return model.train()
 
     # --- sampling: what GroupData.train_batch asks for at the start of a round --------------------
     @torch.no_grad()
@@ -158,18 +130,8 @@ class GRPOTrainer(StepDiagnostics, FinetuneTrainer):
 
     def logprobs(self, x: torch.Tensor, y: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """token_logprobs (b, T) of the policy, or of the reference, without dropout."""
-        model = self.reference if reference and self.reference is not None else self.model
-        off = reference and self.reference is None  # LoRA: the reference is the adapter switched off
-        model.eval()
-        try:
-            if off:
-                lora.set_adapter(self.model, None)
-            with self.autocast():
-                return token_logprobs(model, x, y)
-        finally:
-            if off:
-                lora.set_adapter(self.model, "default")
-            self.model.train()
+        with self.reference_model() if reference else self.eval_mode() as model, self.autocast():
+            return token_logprobs(model, x, y)
 
     # --- one optimizer step ---------------------------------------------------------------------
     def loss(self, x: dict, y: dict) -> torch.Tensor:
@@ -192,7 +154,3 @@ class GRPOTrainer(StepDiagnostics, FinetuneTrainer):
         mean = float(np.mean([self.reward(a, e) for a, e in zip(answers, examples)]))
         self.val_metrics = {"val_reward": mean}
         return self._mean_over_ranks(1.0 - mean)
-
-    def write_run_files(self, run_dir: Path) -> None:
-        extra = {"align": vars(self.ac)}  # names the SFT run: what resume and inference load
-        checkpoint.save_run_files(run_dir, self.cfg, self.data.dir, self.data.meta, extra)
