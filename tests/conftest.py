@@ -129,3 +129,22 @@ def train_losses(run) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train_loss"] for r in rows if r.get("train_loss") is not None}
 
+
+
+def kill_at_first_checkpoint(procs: dict, states: dict, timeout: float = 120.0) -> None:
+    """SIGKILL each training process procs[key] as soon as its first resume point states[key] (a
+    trainer_state.json path) exists, or when it exits; none is left running whatever happens."""
+    import time
+
+    running, deadline = dict(procs), time.time() + timeout
+    try:
+        while running and time.time() < deadline:
+            for key, proc in list(running.items()):
+                if states[key].exists() or proc.poll() is not None:
+                    proc.kill()  # the kill under test
+                    del running[key]
+            time.sleep(0.002)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()

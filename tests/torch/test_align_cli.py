@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from minillm.cli import main as cli
 from minillm.data.prefs import read_pairs
 from minillm.data.tasks import exact_match, load_tasks
 from minillm.torch.sft import load_for_inference
-from tests.conftest import train_losses
+from tests.conftest import kill_at_first_checkpoint, train_losses
 from tests.torch.conftest import EXAMPLES, FAST, digests, one_line_error
 
 DIAGNOSTICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
@@ -140,18 +139,7 @@ def test_exact_resume_after_sigkill_full_and_lora(tmp_path, env, prefs_file):
     procs = {m: subprocess.Popen([sys.executable, "-m", "minillm.cli", *args[m, "killed"]],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for m in weights}
     states = {m: tmp_path / m / "killed" / "trainer_state.json" for m in weights}
-    try:
-        running, deadline = dict(procs), time.time() + 120
-        while running and time.time() < deadline:
-            for m, proc in list(running.items()):
-                if states[m].exists() or proc.poll() is not None:
-                    proc.kill()  # the kill under test
-                    del running[m]
-            time.sleep(0.002)
-    finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
+    kill_at_first_checkpoint(procs, states)  # each killed as soon as its first resume point exists
     for m, state in states.items():
         k = json.loads(state.read_text())["step"]
         assert 0 < k < steps, f"{m}: the kill should land mid-run (checkpoint at step {k})"

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from safetensors.numpy import load_file
 
 from minillm.cli import main as cli
 from minillm.torch.model import load_model
-from tests.conftest import train_losses
+from tests.conftest import kill_at_first_checkpoint, train_losses
 from tests.torch.conftest import EXAMPLES, chat_turns, digests, finetune_args, hand_render, one_line_error
 
 
@@ -36,18 +35,7 @@ def test_exact_resume_after_sigkill_full_and_lora(tmp_path, env):
     procs = {m: subprocess.Popen([sys.executable, "-m", "minillm.cli", *args[m, "killed"]],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for m in weights}
     states = {m: tmp_path / m / "killed" / "trainer_state.json" for m in weights}
-    try:  # watch both: each is killed as soon as its first resume point exists
-        running, deadline = dict(procs), time.time() + 120
-        while running and time.time() < deadline:
-            for m, proc in list(running.items()):
-                if states[m].exists() or proc.poll() is not None:
-                    proc.kill()  # the kill under test
-                    del running[m]
-            time.sleep(0.002)
-    finally:  # no training process left behind if the wait fails
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
+    kill_at_first_checkpoint(procs, states)  # each killed as soon as its first resume point exists
     for m, state in states.items():
         k = json.loads(state.read_text())["step"]
         assert 0 < k < steps, f"{m}: the kill should land mid-run (checkpoint at step {k})"

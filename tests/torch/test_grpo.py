@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from minillm.torch.grpo import collate, group_advantages, grpo_loss, k3_kl, samp
 from minillm.torch.grpo_train import GRPOTrainer
 from minillm.torch.logprobs import token_logprobs
 from minillm.torch.sft import load_for_inference
-from tests.conftest import make_model
+from tests.conftest import kill_at_first_checkpoint, make_model
 from tests.torch.conftest import digests
 
 
@@ -302,18 +301,7 @@ def test_exact_resume_after_sigkill_full_and_lora(tmp_path, env):
                                   str(tmp_path / m / "killed"), *FAST, *pairs[m]],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for m in weights}
     states = {m: tmp_path / m / "killed" / "trainer_state.json" for m in weights}
-    try:  # watch both: each is killed as soon as its first resume point exists
-        running, deadline = dict(procs), time.time() + 120
-        while running and time.time() < deadline:
-            for m, proc in list(running.items()):
-                if states[m].exists() or proc.poll() is not None:
-                    proc.kill()  # the kill under test
-                    del running[m]
-            time.sleep(0.002)
-    finally:  # no training process left behind if the wait fails
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
+    kill_at_first_checkpoint(procs, states)  # each killed as soon as its first resume point exists
     for m, state in states.items():
         saved = json.loads(state.read_text())
         assert 0 < saved["step"] < steps, f"{m}: the kill should land mid-run (checkpoint at {saved['step']})"

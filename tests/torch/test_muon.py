@@ -5,7 +5,6 @@ resumes bitwise after SIGKILL."""
 import copy
 import json
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from minillm.config import ModelConfig, TrainConfig
 from minillm.torch.model import Transformer
 from minillm.torch.muon import Muon, MuonWithAdamW, newton_schulz
 from minillm.torch.optim import make_optimizer, muon_split
-from tests.conftest import prepare_char_data, train_cmd, train_losses
+from tests.conftest import kill_at_first_checkpoint, prepare_char_data, train_cmd, train_losses
 
 A, B, C = 3.4445, -4.7750, 2.0315  # the reference's quintic, p(s) = A s + B s^3 + C s^5
 
@@ -203,13 +202,7 @@ def test_muon_run_learns_and_resumes_bitwise_after_sigkill(tmp_path):
     subprocess.run(train_cmd(runs["straight"]), check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(train_cmd(runs["killed"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "trainer_state.json"
-    try:
-        deadline = time.time() + 120
-        while not state.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.005)
-    finally:  # the kill under test, and no training process left behind if the wait fails
-        proc.kill()
-        proc.wait()
+    kill_at_first_checkpoint({"run": proc}, {"run": state})
     k = json.loads(state.read_text())["step"]
     assert 0 < k < 30, f"the kill should land mid-run (checkpoint at step {k})"
     saved = load_file(tmp_path / "killed" / "trainer_state.safetensors")
