@@ -18,9 +18,10 @@ $(BASE): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# Plus the extras the tests compare against: transformers/tokenizers (hf), jax/optax, pytest.
+# Plus the extras the tests compare against: transformers/tokenizers/peft/trl/gguf (hf), jax/optax,
+# the server and its clients (serve), pytest.
 $(FULL): $(BASE)
-	$(PY) -m pip install --quiet -e ".[dev,hf,jax]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,jax,serve]"
 	touch $@
 
 setup: $(FULL)

@@ -11,10 +11,11 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 # What a module may import inside a function: packages that are heavy or optional (an extra).
-HEAVY = {"torch", "jax", "jaxlib", "optax", "transformers", "tokenizers", "datasets", "matplotlib"}
+HEAVY = {"torch", "jax", "jaxlib", "optax", "transformers", "tokenizers", "datasets", "matplotlib",
+         "gguf", "fastapi", "starlette", "uvicorn"}
 # Framework subpackages: a framework-free module reaches them only lazily (torch and JAX are extras
 # of each other, and `minillm prepare` must not pay for importing either).
-FRAMEWORK = ("minillm.torch", "minillm.jax", "minillm.interop")
+FRAMEWORK = ("minillm.torch", "minillm.jax", "minillm.interop", "minillm.serve")
 
 
 def _modules() -> dict[str, Path]:
