@@ -5,7 +5,12 @@ Two families map exactly:
   layers are `Conv1D`, stored [in, out] (the transpose of ours), and Q, K, V are one fused
   `c_attn` of width 3*D, which we split.
 - LLaMA (`LlamaForCausalLM`): RMSNorm, RoPE (rotate-half, the same layout as ours, so no
-  permutation), SwiGLU, grouped-query attention. Names map one to one.
+  permutation), SwiGLU, grouped-query attention. Names map one to one. Mistral (without a sliding
+  window) and Qwen2 import as the same family: Qwen2 has biases on q/k/v only, so it becomes
+  bias=True with zero o/MLP biases (ModelConfig has one `bias` switch), which computes the same.
+Biases that one side has and the other lacks are zeros, so a bias-free GPT-2 style run exports
+too, and a GPT-2 style run with grouped-query attention exports with each K/V head repeated.
+minillm.interop.hf_dir reads and writes whole directories (run dir <-> HF dir).
 Requires the `hf` extra (transformers).
 """
 
@@ -16,20 +21,28 @@ import torch
 from minillm.config import ModelConfig
 from minillm.torch.model import Transformer
 
+_GPT2_PARTS = dict(norm="layernorm", positions="learned", mlp=("gelu", "gelu_exact"))
+_LLAMA_PARTS = dict(norm="rmsnorm", positions="rope", mlp=("swiglu",))
+
 
 def family(config: ModelConfig) -> str:
-    """'gpt2' or 'llama' if the config is exactly representable by that HF class, else ValueError."""
-    gpt2 = dict(norm="layernorm", positions="learned", bias=True)
-    llama = dict(norm="rmsnorm", positions="rope", mlp="swiglu")
-    if (all(getattr(config, k) == v for k, v in gpt2.items()) and config.mlp in ("gelu", "gelu_exact")
-            and config.n_kv_heads == config.n_heads):
-        return "gpt2"
-    if all(getattr(config, k) == v for k, v in llama.items()):
+    """'gpt2' or 'llama' if the config is exactly representable by that HF class, else ValueError
+    naming the field that no transformers class expresses. A GPT-2 style config without biases
+    exports with zero biases (GPT-2 always has them), and with grouped-query attention with each
+    K/V head repeated for its query heads: both compute the same function."""
+    misses = {}
+    for name, parts in (("gpt2", _GPT2_PARTS), ("llama", _LLAMA_PARTS)):
+        misses[name] = [f"{k}={getattr(config, k)!r}" for k, v in parts.items()
+                        if getattr(config, k) not in ((v,) if isinstance(v, str) else v)]
+    if not misses["llama"]:
         return "llama"
+    if not misses["gpt2"]:
+        return "gpt2"
+    nearest = min(misses, key=lambda name: len(misses[name]))
     raise ValueError(
-        "only GPT-2 style (layernorm, learned positions, gelu, bias=true, n_kv_heads == n_heads) and "
-        "LLaMA style (rmsnorm, rope, swiglu) configs convert to transformers; got "
-        f"norm={config.norm}, positions={config.positions}, mlp={config.mlp}, bias={config.bias}"
+        "only GPT-2 style (layernorm, learned positions, gelu) and LLaMA style "
+        f"(rmsnorm, rope, swiglu) configs convert to transformers; not expressible: "
+        f"{', '.join(misses[nearest])} (nearest: {'GPT-2' if nearest == 'gpt2' else 'LLaMA'} style)"
     )
 
 
@@ -59,11 +72,14 @@ def hf_config(config: ModelConfig):
 
 
 def _gpt2_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = _with_zero_biases(sd, config)
     out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
     for i in range(config.n_layers):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{n}.weight"] for n in "qkv"], 0).T
-        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{n}.bias"] for n in "qkv"], 0)
+        for p in ("weight", "bias"):
+            q, k, v = (sd[b + f"attn.{n}.{p}"] for n in "qkv")
+            fused = torch.cat([q, _per_query_head(k, config), _per_query_head(v, config)])  # (3D, ...)
+            out[h + f"attn.c_attn.{p}"] = fused.T if p == "weight" else fused  # Conv1D stores [in, out]
         for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
             out[h + theirs + ".weight"] = sd[b + ours + ".weight"].T  # Conv1D stores [in, out]
             out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
@@ -93,6 +109,24 @@ def _gpt2_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
     sd["norm.weight"], sd["norm.bias"] = hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"]
     if not config.tie_embeddings:
         sd["lm_head.weight"] = hf["lm_head.weight"]
+    return sd
+
+
+def _per_query_head(kv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """K or V rows (n_kv_heads * head_dim, ...) -> (n_heads * head_dim, ...): each K/V head repeated
+    for the n_heads / n_kv_heads query heads that share it (as the attention's repeat_interleave)."""
+    rest = kv.shape[1:]
+    heads = kv.reshape(config.n_kv_heads, config.head_dim, *rest)
+    return heads.repeat_interleave(config.n_heads // config.n_kv_heads, 0).reshape(config.d_model, *rest)
+
+
+def _with_zero_biases(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A bias-free GPT-2 style state dict plus the zero biases GPT2LMHeadModel always has."""
+    if config.bias:
+        return sd
+    sd = dict(sd)
+    for name in [k for k in sd if k.startswith("blocks.") or k == "norm.weight"]:
+        sd.setdefault(name.removesuffix(".weight") + ".bias", torch.zeros(sd[name].shape[0]))
     return sd
 
 
@@ -139,46 +173,87 @@ def to_transformers(model_or_state, config: ModelConfig | None = None):
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # the same layer names and maths when no sliding window is used
+
+
 def config_from_hf(hf_config_obj) -> ModelConfig:
-    """transformers GPT2Config / LlamaConfig -> ModelConfig."""
+    """transformers GPT2Config / LlamaConfig / MistralConfig / Qwen2Config -> ModelConfig; ValueError
+    naming the field for what ModelConfig cannot express."""
     c = hf_config_obj
     if c.model_type == "gpt2":
         if c.activation_function not in _GPT2_ACTIVATIONS:
             raise ValueError(f"GPT-2 activation {c.activation_function!r} is not supported")
+        if getattr(c, "scale_attn_by_inverse_layer_idx", False) or not getattr(c, "scale_attn_weights", True):
+            raise ValueError("GPT-2 scale_attn_by_inverse_layer_idx=true / scale_attn_weights=false "
+                             "is not supported")
         return ModelConfig(
             vocab_size=c.vocab_size, max_seq_len=c.n_positions, d_model=c.n_embd, n_layers=c.n_layer,
             n_heads=c.n_head, d_ff=c.n_inner or 4 * c.n_embd, norm="layernorm", norm_eps=c.layer_norm_epsilon,
             positions="learned", mlp=_GPT2_ACTIVATIONS[c.activation_function], bias=True,
             tie_embeddings=bool(c.tie_word_embeddings),
         )
-    if c.model_type == "llama":
+    if c.model_type in LLAMA_LIKE:
+        _check_llama_like(c)
         rope = getattr(c, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
-        head_dim = getattr(c, "head_dim", None)
-        if head_dim is not None and head_dim != c.hidden_size // c.num_attention_heads:
-            raise ValueError("LLaMA configs with head_dim != hidden_size / num_attention_heads "
-                             "are not supported")
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", None) or 10000.0)
+        # Qwen2 has q/k/v biases only; LLaMA attention_bias (q/k/v/o) and mlp_bias. Any bias makes
+        # ours bias=True, and from_transformers fills the biases the checkpoint lacks with zeros.
+        bias = c.model_type == "qwen2" or any(getattr(c, k, False) for k in ("attention_bias", "mlp_bias"))
         return ModelConfig(
             vocab_size=c.vocab_size, max_seq_len=c.max_position_embeddings, d_model=c.hidden_size,
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
             d_ff=c.intermediate_size, norm="rmsnorm", norm_eps=c.rms_norm_eps, positions="rope",
-            rope_theta=float(theta), mlp="swiglu", bias=bool(c.attention_bias),
-            tie_embeddings=bool(c.tie_word_embeddings),
+            rope_theta=float(theta), mlp="swiglu", bias=bias, tie_embeddings=bool(c.tie_word_embeddings),
         )
-    raise ValueError(f"unsupported transformers model_type {c.model_type!r} (gpt2 and llama convert)")
+    raise ValueError(f"unsupported transformers model_type {c.model_type!r} "
+                     f"(gpt2, {', '.join(LLAMA_LIKE)} convert)")
+
+
+def _check_llama_like(c) -> None:
+    """ValueError naming the first field of a LLaMA-like config that ModelConfig cannot express."""
+    kind = c.model_type
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{kind} rope_type {rope.get('rope_type', rope.get('type'))!r} (rope scaling) "
+                         "is not supported")
+    if c.hidden_act != "silu":
+        raise ValueError(f"{kind} hidden_act {c.hidden_act!r} is not supported (SwiGLU uses silu)")
+    head_dim = getattr(c, "head_dim", None)
+    if head_dim is not None and head_dim != c.hidden_size // c.num_attention_heads:
+        raise ValueError(f"{kind} head_dim={head_dim} != hidden_size / num_attention_heads "
+                         f"({c.hidden_size // c.num_attention_heads}) is not supported")
+    window = getattr(c, "sliding_window", None)
+    sliding = any(t != "full_attention" for t in getattr(c, "layer_types", None) or [])
+    if kind == "qwen2" and not getattr(c, "use_sliding_window", False):
+        window = None  # Qwen2 keeps a sliding_window value it does not use
+    if (window is not None and window < c.max_position_embeddings) or (sliding and window is not None):
+        raise ValueError(f"{kind} sliding_window={window} < max_position_embeddings="
+                         f"{c.max_position_embeddings}: sliding-window attention is not supported")
 
 
 def from_transformers(hf_model) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """An HF GPT2LMHeadModel / LlamaForCausalLM -> (ModelConfig, canonical state dict)."""
+    """An HF GPT2LMHeadModel / LlamaForCausalLM (Mistral-, Qwen2ForCausalLM) -> (ModelConfig, canonical
+    state dict)."""
     config = config_from_hf(hf_model.config)
     hf_sd = hf_model.state_dict()
     if config.positions == "learned":
         sd = _gpt2_from_hf(hf_sd, config)
     else:
-        sd = {name: hf_sd[_llama_name(name)] for name in _canonical_llama_names(config)}
-    return config, {k: v.detach().clone() for k, v in sd.items()}
+        names = {name: _llama_name(name) for name in _canonical_llama_names(config)}
+        used = set(names.values()) | ({"lm_head.weight"} if config.tie_embeddings else set())
+        unused = sorted(set(hf_sd) - used)
+        if unused:  # a tensor we would silently drop: the model would compute something else
+            raise ValueError(f"{type(hf_model).__name__} has tensors minillm does not use: {unused[:3]}")
+        sd = {name: hf_sd[theirs] if theirs in hf_sd else torch.zeros(hf_sd[_weight_of(theirs)].shape[0])
+              for name, theirs in names.items()}
+    return config, {k: v.detach().float().clone() for k, v in sd.items()}
+
+
+def _weight_of(bias_name: str) -> str:
+    """A missing bias (Qwen2's o_proj / MLP) -> its weight, whose rows give the zero bias's length."""
+    if not bias_name.endswith(".bias"):
+        raise ValueError(f"checkpoint lacks {bias_name}")
+    return bias_name.removesuffix(".bias") + ".weight"
 
 
 def _canonical_llama_names(config: ModelConfig) -> list[str]:
