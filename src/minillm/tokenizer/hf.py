@@ -128,3 +128,120 @@ def char_to_hf(chars: list[str], special_tokens: dict[str, int], unk_token: str,
     pre_tokenizer = {"type": "Split", "pattern": any_char, "behavior": "Isolated", "invert": False}
     model = {"type": "WordLevel", "vocab": vocab, "unk_token": unk_token}
     return _tokenizer_json(special_tokens, pre_tokenizer, {"type": "Fuse"}, model)
+
+
+# --- any byte-level BPE tokenizer.json (GPT-2's, Llama 3's, one trained with `tokenizers`) -------
+# HF's ByteLevel pre-tokenizer with use_regex=True splits with GPT-2's pattern (ours, spelled apart).
+HF_BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _refuse(source: str, what: str) -> None:
+    raise ValueError(f"{source}: {what} is not supported (byte-level BPE and character tokenizers import)")
+
+
+def _byte_level_pattern(data: dict[str, Any], source: str) -> str:
+    """The split regex of a ByteLevel pipeline: ByteLevel(use_regex=True) alone, or Split(Regex,
+    Isolated) then ByteLevel(use_regex=False); anything else (Metaspace, Whitespace ...) is refused."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds[-1:] != ["ByteLevel"] or len(kinds) > 2 or (len(kinds) == 2 and kinds[0] != "Split"):
+        _refuse(source, f"pre_tokenizer {' + '.join(map(str, kinds))}")
+    byte_level = steps[-1]
+    if byte_level.get("add_prefix_space"):
+        _refuse(source, "pre_tokenizer ByteLevel add_prefix_space=true")
+    if len(steps) == 1:
+        if not byte_level.get("use_regex", True):
+            _refuse(source, "ByteLevel use_regex=false without a Split")
+        return HF_BYTE_LEVEL_PATTERN
+    split = steps[0]
+    if byte_level.get("use_regex", True) or "Regex" not in split.get("pattern", {}) \
+            or split.get("behavior") != "Isolated" or split.get("invert"):
+        _refuse(source, f"pre_tokenizer Split {split.get('pattern')} {split.get('behavior')} + ByteLevel "
+                        f"use_regex={byte_level.get('use_regex', True)}")
+    return split["pattern"]["Regex"]
+
+
+def _check_byte_level_bpe(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """The BPE model of a byte-level tokenizer.json whose encoding ours reproduces, else ValueError."""
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        _refuse(source, f"model type {model.get('type')!r}")
+    if data.get("normalizer"):
+        _refuse(source, f"normalizer {data['normalizer'].get('type')!r}")
+    for field, allowed in (("byte_fallback", (False, None)), ("dropout", (None, 0.0)),
+                           ("continuing_subword_prefix", (None, "")), ("end_of_word_suffix", (None, "")),
+                           ("ignore_merges", (False, None))):  # ignore_merges: whole words before merges
+        if model.get(field) not in allowed:
+            _refuse(source, f"model.{field}={model[field]!r}")
+    if (data.get("decoder") or {}).get("type") != "ByteLevel":
+        _refuse(source, f"decoder {(data.get('decoder') or {}).get('type')!r}")
+    return model
+
+
+def bpe_from_hf_any(data: dict[str, Any], source: str = "tokenizer.json"
+                    ) -> tuple[str, list[Pair], dict[str, int], list[int]]:
+    """Any byte-level BPE `tokenizer.json` -> (pattern, merges, special_tokens, hf_ids).
+
+    HF numbers a vocabulary as it likes (GPT-2: printable bytes first; `tokenizers`' trainer: special
+    tokens first); ours is fixed (bytes 0..255, merge k = 256 + k, then the special tokens). So the
+    tokens are renumbered: `hf_ids[i]` is the HF id of our id i, and a model's embedding rows are
+    permuted with it (minillm.interop.hf_dir). Every added token becomes one of our special tokens.
+    """
+    model = _check_byte_level_bpe(data, source)
+    pattern = _byte_level_pattern(data, source)
+    vocab: dict[str, int] = model["vocab"]
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    char_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ours = dict(char_byte)  # HF token string -> our id: the bytes first, then each merge's result
+    missing = [b for c, b in char_byte.items() if c not in vocab]
+    if missing:
+        raise ValueError(f"{source}: byte 0x{missing[0]:02x} is not in the vocabulary; a byte-level BPE "
+                         "must have all 256 bytes")
+    merges: list[Pair] = []
+    for k, merge in enumerate(model["merges"]):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        if left not in ours or right not in ours:
+            raise ValueError(f"{source}: merge {k} ({left!r}, {right!r}) uses a token no earlier merge made")
+        if left + right in ours or left + right not in vocab:
+            raise ValueError(f"{source}: merge {k} makes {left + right!r}, which another merge made "
+                             "or the vocabulary lacks")
+        merges.append((ours[left], ours[right]))
+        ours[left + right] = 256 + k
+    clash = [t for t in added if t in ours]
+    if clash:  # HF splits it out of text as one id; ours would merge it from bytes: ids could differ
+        raise ValueError(f"{source}: added token {clash[0]!r} is also an ordinary BPE token")
+    unreachable = [t for t in vocab if t not in ours and t not in added]
+    if unreachable:
+        raise ValueError(f"{source}: vocabulary token {unreachable[0]!r} is neither a byte, a merge nor an "
+                         "added token")
+    hf_ids = [vocab[t] for t in sorted(ours, key=ours.get)]
+    specials = {t: len(hf_ids) + j for j, t in enumerate(sorted(added, key=added.get))}
+    hf_ids += sorted(added.values())
+    return pattern, merges, specials, hf_ids
+
+
+def char_from_hf(data: dict[str, Any], source: str = "tokenizer.json"
+                 ) -> tuple[list[str], str | None, dict[str, int], list[int]]:
+    """A character-level `tokenizer.json` (WordLevel over single characters, split into characters
+    as `char_to_hf` writes it) -> (chars, unk_token or None, special_tokens, hf_ids): our
+    CharTokenizer numbers the characters in code-point order, then <unk>, then the added tokens;
+    `hf_ids[i]` is the HF id of our id i (as in `bpe_from_hf_any`)."""
+    model = data.get("model") or {}
+    pre = data.get("pre_tokenizer") or {}
+    if model.get("type") != "WordLevel" or pre.get("type") != "Split" or pre.get("invert") \
+            or pre.get("pattern") != {"Regex": r"[\s\S]"} or pre.get("behavior") != "Isolated":
+        _refuse(source, f"model {model.get('type')!r} with pre_tokenizer {pre.get('type')!r} (a WordLevel "
+                        "model imports as one token per character only)")
+    if data.get("normalizer"):
+        _refuse(source, f"normalizer {data['normalizer'].get('type')!r}")
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    unk = model.get("unk_token")
+    vocab = {s: i for s, i in model["vocab"].items() if s not in added and s != unk}
+    long = [s for s in vocab if len(s) != 1]
+    if long:
+        raise ValueError(f"{source}: WordLevel token {long[0]!r} is not one character; not a char tokenizer")
+    chars = sorted(vocab)
+    hf_ids = [vocab[c] for c in chars] + ([model["vocab"][unk]] if unk in model["vocab"] else [])
+    specials = {t: len(hf_ids) + j for j, t in enumerate(sorted(added, key=added.get))}
+    return chars, unk if unk in model["vocab"] else None, specials, hf_ids + sorted(added.values())
