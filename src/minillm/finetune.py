@@ -91,4 +91,8 @@ def conversations(spec: str, val_every: int) -> tuple[list[list[dict]], list[lis
         examples = [r["messages"] for r in sft.read_records(spec)]
     val = examples[val_every - 1::val_every]
     train = [e for i, e in enumerate(examples) if (i + 1) % val_every]
+    if not val or not train:
+        raise ValueError(f"{spec}: {len(examples)} examples leave no {'validation' if train else 'training'} "
+                         f"example with val_every={val_every} (every Nth is held out); give more examples "
+                         f"or --set val_every=N with 2 <= N <= {len(examples)}")
     return train, val

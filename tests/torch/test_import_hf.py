@@ -157,6 +157,24 @@ def test_jax_backend_reads_the_imported_run(imported):
     assert abs(ours - theirs).max() <= 1e-4
 
 
+def test_an_imported_run_fine_tunes(imported, tmp_path, capsys):
+    """An imported tokenizer has none of our special tokens: fine-tuning falls back to the plain-text
+    chat template and pads with any id (masked), and the result is a run `sample` reads."""
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "completion": w}) + "\n"
+                            for w in ["yes", "no", "maybe", "never"] * 6))
+    out = tmp_path / "ft"
+    assert cli(["finetune", "--run", str(imported["gpt2"][3]), "--data", str(data), "--method", "full",
+                "--out", str(out), "--set", "val_every=30"]) == 2
+    assert "no validation example with val_every=30" in capsys.readouterr().err and not out.exists()
+    assert cli(["finetune", "--run", str(imported["gpt2"][3]), "--data", str(data), "--method", "full",
+                "--out", str(out), "--set", "max_steps=2", "--set", "batch_size=4", "--set", "block_size=32",
+                "--quiet"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite([m["loss"] for m in metrics if "loss" in m]).all()
+    assert cli(["sample", "--run", str(out), "--prompt", "Say", "--max-new-tokens", "3"]) == 0
+
+
 def variant(imported, tmp_path, edit_config=None, edit_tokenizer=None, tokenizer_json=None):
     """A copy of the LLaMA checkpoint, its config.json or tokenizer.json edited, or the latter replaced."""
     directory = tmp_path / "variant"

@@ -25,6 +25,7 @@ from minillm.finetune import FinetuneConfig
 from minillm.interop.hf import family
 from minillm.interop.peft import load_peft, save_peft
 from minillm.tokenizer import load_tokenizer
+from minillm.tokenizer.base import SPECIAL_TOKENS
 from minillm.torch import lora
 from minillm.torch.model import load_model, model_from_params
 from minillm.torch.run_data import RunData, split_batch
@@ -38,7 +39,9 @@ class SFTData(RunData):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.dir = Path(ft.base_run)  # the tokenizer the run copies is the base's
         micro, self.micro_batch = split_batch(cfg, world)
-        pad = tokenizer.special_id("pad")
+        # Padding is masked out of the loss and attention, so any id works where a tokenizer (an
+        # imported one) has no <|pad|>.
+        pad = tokenizer.special_tokens.get(SPECIAL_TOKENS["pad"], 0)
         train, val = finetune.conversations(ft.data, ft.val_every)
         train = sft.tokenize(tokenizer, train, cfg.block_size, ft.overlong)
         val = sft.tokenize(tokenizer, val, cfg.block_size, ft.overlong, log=lambda _: None)
