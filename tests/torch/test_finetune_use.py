@@ -165,6 +165,15 @@ def test_eval_tasks_json_reports_exact_match(task_env, capsys):
     assert few_shot == {**tasks.score(naive[2], test), "split": "test"}
 
 
+def test_eval_tasks_answer_length_is_bounded_by_the_context(task_env, capsys):
+    run, directory = str(task_env["run"]), str(task_env["dir"])
+    for bad in ("0", "256"):  # the context is 256 tokens: an answer needs 1 .. 255
+        one_line_error(capsys, ["eval", "--run", run, "--tasks", directory, "--max-new-tokens", bad],
+                       f"--max-new-tokens {bad}: must be between 1 and 255")
+    short = _eval_json(capsys, "--run", run, "--tasks", directory, "--max-new-tokens", "200")
+    assert short == _eval_json(capsys, "--run", run, "--tasks", directory)  # the answers are short
+
+
 def test_eval_adapter_flag_equals_the_lora_run(env, task_env, capsys):
     base, run, directory = str(env["base"]), str(env["lora"]), str(task_env["dir"])
     via_run = _eval_json(capsys, "--run", run, "--tasks", directory)

@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="windows per forward pass, or questions decoded together (default 8)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="--tasks: longest answer generated (default 64, or half the context if smaller)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.set_defaults(func=run)
 
@@ -71,7 +73,11 @@ def _tasks(args: argparse.Namespace, model, tokenizer) -> dict:
     split = args.split or "test"
     examples = tasks.load_tasks(args.tasks, split)[: args.limit]
     train = tasks.load_tasks(args.tasks, "train") if args.few_shot else None
-    answers = answer_tasks(model, tokenizer, examples, train, args.few_shot, batch_size=args.batch_size)
+    context = model.config.max_seq_len
+    new = min(64, context // 2) if args.max_new_tokens is None else args.max_new_tokens
+    if not 0 < new < context:
+        raise ValueError(f"--max-new-tokens {new}: must be between 1 and {context - 1} (the context - 1)")
+    answers = answer_tasks(model, tokenizer, examples, train, args.few_shot, new, args.batch_size)
     return {**tasks.score(answers, examples), "split": split}
 
 
