@@ -33,7 +33,9 @@ lint: $(FULL)
 test: lint
 	$(PY) -m pytest -q
 
+# The slow tests also run GGUF files through llama.cpp (llama-cpp-python builds it once, ~3.5 min).
 test-slow: $(FULL)
+	$(PY) -m pip install --quiet -e ".[llama]"
 	$(PY) -m pytest -q -m slow
 
 # Fetch the built-in Shakespeare corpus, train a character-level model on the CPU, sample from it.
