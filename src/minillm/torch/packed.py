@@ -45,6 +45,16 @@ def row_dot_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     return F.linear(x, w, b)
 
 
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """Write x (B, K, T, hd) into cache (B, K, S, hd) in place, at slots (T,) shared by every row,
+    or (B, T) row by row (continuous batching: each row of the batch is at its own length)."""
+    if slots.dim() == 1:
+        cache.index_copy_(2, slots, x)
+    else:
+        rows = torch.arange(x.size(0), device=x.device)[:, None]  # (B, 1)
+        cache[rows, :, slots] = x.transpose(1, 2)  # advanced indices first: (B, T, K, hd)
+
+
 def _fused(*linears: nn.Linear, row_dot: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate linear layers along their outputs: weight [out, in] (row_dot) or [in, out], bias (out,)."""
     w = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (out, in)
@@ -118,7 +128,7 @@ class PackedModel(nn.Module):
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True,
                 manual_attention: bool = False) -> torch.Tensor:
         """One cached step over T new tokens per row (a prefill chunk, or T = 1: a decode step).
-        tokens, positions (B, T); slots (T,) the cache slots the new keys/values go to; mask
+        tokens, positions (B, T); slots (T,) or (B, T) the cache slots the new keys/values go to; mask
         (B, 1, T, S) over all S slots, as in layers.attention_math; k_caches/v_caches: per layer
         (B, K, S, hd), written in place. Returns logits (B, V) for the last token, or (B, T, V)
         when not last_only. manual_attention: layers.attention_math instead of SDPA (it fuses
@@ -163,8 +173,8 @@ class PackedModel(nn.Module):
         if rope is not None:  # queries and keys are adjacent in the fused layout: rotate both at once
             qk = layers.apply_rope(qk, *rope)
         q, k = qk[:, :H], qk[:, H:]
-        k_cache.index_copy_(2, slots, k)  # (B, K, S, hd)
-        v_cache.index_copy_(2, slots, v)
+        write_cache(k_cache, slots, k)  # (B, K, S, hd)
+        write_cache(v_cache, slots, v)
         # Grouped-query attention without copying K/V: query heads j*G .. j*G+G-1 share K/V head j,
         # so fold each group into the query axis: (B, H, T, hd) -> (B, K, G*T, hd).
         q = q.reshape(B, K, H // K * T, hd)
