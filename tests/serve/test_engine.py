@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.serve.engine import Engine, GenSequence, QueueFull
-from minillm.serve.text import TextDeltas
-from minillm.tokenizer.stream import StopChecker, text_pieces
+from minillm.tokenizer.stream import StopChecker, TextDeltas, text_pieces
 from minillm.torch.packed import write_cache
 from minillm.torch.sampling import SamplingConfig
 from tests.serve.conftest import CORPUS, greedy_reference
@@ -171,9 +170,10 @@ def test_queue_limit_refuses_all_or_nothing(loaded):
 @settings(max_examples=60, deadline=None)
 @given(ids=st.lists(st.integers(0, 61), max_size=40),
        stops=st.lists(st.sampled_from(["e", "the", "by t", ".\n", "zz"]), max_size=2))
-def test_text_deltas_equal_text_pieces(loaded, ids, stops):
-    """Pushed one id at a time, the deltas add up to what text_pieces yields (the CLI's text), and
-    the stop flag rises where StopChecker's does."""
+def test_text_deltas_equal_the_decoded_text_cut_at_the_first_stop(loaded, ids, stops):
+    """Pushed one id at a time, the deltas add up to the whole decoded text cut before its first stop
+    string, the stop flag rises at the first id whose text contains one (as StopChecker's does),
+    and text_pieces (pulled, with a stop token) gives the same text as the ids before that token."""
     _, tokenizer = loaded
     deltas, checker = TextDeltas(tokenizer, stops), StopChecker(tokenizer, stops)
     text, stopped_at, checker_at = "", None, None
@@ -186,5 +186,13 @@ def test_text_deltas_equal_text_pieces(loaded, ids, stops):
             stopped_at = i
             break
     text += deltas.finish()
-    assert text == "".join(text_pieces(iter(ids), tokenizer, stops))
-    assert stopped_at == checker_at
+    full = tokenizer.decode(ids)
+    cut = min([i for i in (full.find(s) for s in stops) if i >= 0], default=len(full))
+    assert text == full[:cut]
+    first = next((i for i in range(len(ids)) if any(s in tokenizer.decode(ids[:i + 1]) for s in stops)), None)
+    assert stopped_at == checker_at == first
+    k = len(ids) // 2
+    if ids and ids[k] not in ids[:k]:  # a stop token ends the text where it first stands
+        head = tokenizer.decode(ids[:k])
+        cut = min([i for i in (head.find(s) for s in stops) if i >= 0], default=len(head))
+        assert "".join(text_pieces(iter(ids), tokenizer, stops, [ids[k]])) == head[:cut]

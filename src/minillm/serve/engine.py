@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from minillm.serve.text import TextDeltas
+from minillm.tokenizer.stream import TextDeltas
 from minillm.torch.kv_cache import make_caches
 from minillm.torch.packed import packed_copy
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next

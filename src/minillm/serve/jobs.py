@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from minillm.serve.engine import Engine, GenSequence
 from minillm.serve.schemas import APIError
-from minillm.serve.text import TextDeltas
+from minillm.tokenizer.stream import TextDeltas
 from minillm.torch.sampling import SamplingConfig
 
 
