@@ -167,6 +167,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bf16 autocast where supported, fp16 + GradScaler where not, else fp32
     compile: bool = False
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # scale-out under torchrun / jax.distributed: "ddp" replicates the model on every rank, "fsdp"
+    # shards parameters, gradients and optimizer state (FSDP2 per block); one process ignores it.
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self) -> None:
         self.validate()
@@ -184,7 +188,7 @@ class TrainConfig:
                              f"model.max_seq_len ({self.model.max_seq_len})")
         for name, choices in (("schedule", ("cosine", "constant", "wsd")), ("backend", ("torch", "jax")),
                               ("dtype", ("auto", "float32", "bfloat16", "float16")),
-                              ("optimizer", ("adamw", "muon"))):
+                              ("optimizer", ("adamw", "muon")), ("parallel", ("ddp", "fsdp"))):
             _check_choice("TrainConfig", name, getattr(self, name), choices)
         if self.optimizer == "muon":
             self._validate_muon()
