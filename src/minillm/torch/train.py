@@ -2,8 +2,10 @@
 
 One optimizer step = grad_accum micro-steps whose losses are each divided by grad_accum, so
 the gradient equals that of one batch of batch_size sequences. Under torchrun (WORLD_SIZE > 1)
-the model is wrapped in DistributedDataParallel, each rank draws its own share of the batch,
-and only rank 0 writes files and logs.
+the model is wrapped in DistributedDataParallel or sharded with FSDP (cfg.parallel; see
+minillm.torch.parallel), each rank draws its own share of the batch, and only rank 0 writes files
+and logs. FSDP runs checkpoint in shards (minillm.torch.sharded_checkpoint): every rank writes its
+part when the loop is about to checkpoint, then rank 0 commits it in `save`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from minillm import checkpoint
 from minillm.config import TrainConfig
+from minillm.files import atomic_write_json
 from minillm.schedule import lr_at
+from minillm.torch import parallel, sharded_checkpoint
 from minillm.torch.model import Transformer, model_params, next_token_loss
 from minillm.torch.optim import make_optimizer
 from minillm.torch.run_data import RunData
@@ -82,6 +87,10 @@ class Trainer:
         self.data = self.make_data()
         torch.manual_seed(cfg.seed)
         self.model = self.make_model().to(self.device)
+        self.sharded, self._staged = self.world > 1 and cfg.parallel == "fsdp", None
+        if self.sharded:  # fully_shard swaps the parameters for DTensor shards: before the optimizer
+            self._check_fsdp_support()
+            self.ddp = parallel.wrap(self.model, cfg, self.world, self.dtype)
         self.opt, self.names = make_optimizer(cfg, self.model, self.lr_scale)
         self.trained = [p for group in self.opt.param_groups for p in group["params"]]  # what clipping sees
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -91,7 +100,8 @@ class Trainer:
             self._resume()
         elif self.is_main:
             checkpoint.check_run_tokenizer(self.run_dir, self.data.dir)
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        if not self.sharded:
+            self.ddp = parallel.wrap(self.model, cfg, self.world, self.dtype)
         if cfg.compile:
             self.ddp = _try_compile(self.ddp, self.data.micro_batch, cfg.block_size, self.device)
 
@@ -118,15 +128,36 @@ class Trainer:
         checkpoint.save_run_files(run_dir, self.cfg, self.data.dir, self.data.meta)
 
     def save_weights(self, run_dir: Path, metadata: dict[str, str] | None = None) -> None:
-        checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, model_params(self.model),
+        # FSDP: rank 0 reads the full weights back from the shards just written (no collective)
+        params = (sharded_checkpoint.consolidate(self._staged.path, self.cfg.model) if self.sharded
+                  else model_params(self.model))
+        checkpoint.save_tensors(run_dir / checkpoint.MODEL_FILE, params,
                                 metadata={"format": "minillm-1", **(metadata or {})})
+
+    def _check_fsdp_support(self) -> None:
+        cfg = self.cfg
+        if type(self).state_params is not Trainer.state_params or cfg.compile or cfg.optimizer != "adamw":
+            raise ValueError(f"parallel='fsdp' supports pretraining with AdamW, without compile, for now; "
+                             f"{type(self).__name__} with optimizer={cfg.optimizer!r}, compile={cfg.compile} "
+                             f"needs parallel='ddp'")
 
     # --- checkpoints -------------------------------------------------------------------------
     def _resume(self) -> None:
-        tensors, s = checkpoint.read_trainer_state(self.run_dir)
-        checkpoint.check_resume(self.run_dir, self.data.dir, self.cfg.model)
-        self.restore_params(state_weights(tensors))
-        restore_optimizer(self.opt, self.names, tensors, s, self.device)
+        sharded = sharded_checkpoint.resume_point(self.run_dir)
+        if sharded is not None:
+            s = sharded_checkpoint.read_scalars(sharded)
+            checkpoint.check_resume(self.run_dir, self.data.dir, self.cfg.model)
+            sharded_checkpoint.load(sharded, self.model, self.opt)  # resharded to this run's ranks
+            torch.set_rng_state(torch.tensor(s["rng_torch"], dtype=torch.uint8))
+        else:
+            if self.sharded:
+                raise checkpoint.CheckpointError(
+                    f"{self.run_dir} was checkpointed unsharded ({checkpoint.STATE_FILE}); FSDP resumes "
+                    f"only sharded checkpoints: resume this run with parallel='ddp'")
+            tensors, s = checkpoint.read_trainer_state(self.run_dir)
+            checkpoint.check_resume(self.run_dir, self.data.dir, self.cfg.model)
+            self.restore_params(state_weights(tensors))
+            restore_optimizer(self.opt, self.names, tensors, s, self.device)
         self.step, self.tokens, self.elapsed = s["step"], s["tokens"], s["elapsed"]
         self.best_val = s["best_val"]
         loader = s["loader"]  # {rank: state} under DDP, one state otherwise
@@ -136,14 +167,41 @@ class Trainer:
             print(f"resumed {self.run_dir} at step {self.step} ({self.tokens:,} tokens seen)")
 
     def weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.sharded and self._staged and self._staged.step == self.step:
+            return self._staged.finite  # all ranks' shards, checked together while staging
+        return all(bool(torch.isfinite(parallel.local(p)).all()) for p in self.model.parameters())
 
     def save(self) -> None:
         scalars = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed, best_val=self.best_val,
                        loader=self.data.train.state_dict())
         self.write_run_files(self.run_dir)
+        if self.sharded:
+            return self._commit_shards(scalars)
         save_trainer_state(self.run_dir, self.state_params(), self.opt, self.names, scalars)
         self.save_weights(self.run_dir)
+        sharded_checkpoint.remove(self.run_dir)  # an older FSDP resume point, if any
+
+    # --- FSDP: every rank stages its shards where the loop will checkpoint, rank 0 commits -----
+    def _stage_shards(self, step: int) -> None:
+        """Collective (every rank): write this rank's shards for the checkpoint of `step`."""
+        finite = torch.tensor(float(all(bool(torch.isfinite(parallel.local(p)).all())
+                                        for p in self.model.parameters())))
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        path = sharded_checkpoint.stage(self.run_dir, step, self.model, self.opt)
+        self._staged = sharded_checkpoint.Staged(step, path, bool(finite.item()))
+
+    def _commit_shards(self, scalars: dict[str, Any]) -> None:
+        if not self._staged or self._staged.step != self.step:  # e.g. Ctrl-C: the ranks cannot meet now
+            print(f"FSDP: no checkpoint at step {self.step} (shards are written with every rank at "
+                  f"checkpoint steps); the last committed one stands", file=sys.stderr)
+            return
+        scalars = {**scalars, "optimizer": "adamw", "world_size": self.world,
+                   "rng_torch": torch.get_rng_state().tolist()}
+        self._staged = self._staged._replace(path=sharded_checkpoint.commit(self._staged.path, scalars))
+        self.save_weights(self.run_dir)  # model.safetensors, consolidated from the shards
+        (self.run_dir / checkpoint.STATE_FILE).unlink(missing_ok=True)  # an older single-file point
+        atomic_write_json(self.run_dir / "trainer_state.json", {k: v for k, v in scalars.items()
+                                                                if k != "rng_torch"})
 
     def save_best(self, val: float) -> None:
         self.best_val = val
@@ -170,9 +228,7 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.data.train_batch(self.device)  # (b, T) each, b = batch_size / (grad_accum * world)
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.ddp.no_sync()
-            with sync:
+            with parallel.no_grad_sync(self.ddp, last_micro_step=micro == cfg.grad_accum - 1):
                 with self.autocast():
                     loss = self.loss(x, y) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
@@ -180,7 +236,7 @@ class Trainer:
         total = self._mean_over_ranks(total)  # log the global batch's loss, not this rank's share
         self.scaler.unscale_(self.opt)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, max_norm).item()
+        grad_norm = parallel.full_value(torch.nn.utils.clip_grad_norm_(self.trained, max_norm)).item()
         # fp16's GradScaler skips steps with inf gradients by design; otherwise inf/NaN stops the run
         if not math.isfinite(total) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled()):
             raise NonFiniteLoss(total if not math.isfinite(total)
@@ -191,6 +247,8 @@ class Trainer:
         torch.autograd.graph.increment_version(self.trained)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        if self.sharded and sharded_checkpoint.due_without_eval(cfg, self.step + 1):
+            self._stage_shards(self.step + 1)  # the loop will checkpoint right after this step
         return total, grad_norm
 
     @torch.no_grad()
@@ -202,6 +260,8 @@ class Trainer:
             with self.autocast():
                 losses.append(next_token_loss(self.model(x), y).item())
         self.model.train()
+        if self.sharded:
+            self._stage_shards(self.step)  # the loop checkpoints after every evaluation
         return self._mean_over_ranks(float(np.mean(losses)))
 
     def _mean_over_ranks(self, value: float) -> float:
