@@ -96,10 +96,18 @@ def train(trainer: Trainer) -> dict:
         signal.signal(signal.SIGTERM, old)
 
 
+def checkpoint_due(cfg, step: int) -> bool:
+    """Whether the loop checkpoints after `step` without evaluating first (it also checkpoints after
+    every evaluation). Trainers whose save needs every rank (FSDP, sharded JAX) gather at these
+    steps, since the loop calls save() on rank 0 only."""
+    every = cfg.checkpoint_interval or cfg.eval_interval  # 0: only the final checkpoint
+    evaluates = cfg.eval_interval and step % cfg.eval_interval == 0
+    return bool(every and step % every == 0 and not evaluates)
+
+
 def run_loop(t: Trainer) -> dict:
     """Run trainer t until its budget is spent; returns a summary (final val loss, steps, timing)."""
     cfg = t.cfg
-    ckpt_every = cfg.checkpoint_interval or cfg.eval_interval  # 0: only the final checkpoint
     if t.step == 0 and t.is_main:
         print(t.describe())
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=t.quiet or not t.is_main, unit="step",
@@ -120,7 +128,7 @@ def run_loop(t: Trainer) -> dict:
             # --- eval and best (it checkpoints too), or a checkpoint alone ---
             if cfg.eval_interval and t.step % cfg.eval_interval == 0:
                 val = _evaluate(t, bar, clock, losses)
-            elif ckpt_every and t.step % ckpt_every == 0:
+            elif checkpoint_due(cfg, t.step):
                 t.elapsed = clock.now()
                 _checkpoint(t)
         # --- the end: always an eval and a checkpoint of the last step ---

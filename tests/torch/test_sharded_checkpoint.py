@@ -19,6 +19,7 @@ from minillm.checkpoint import CheckpointError, canonical_shapes, load_config
 from minillm.cli import main as cli
 from minillm.config import load_train_config
 from minillm.torch import sharded_checkpoint
+from minillm.train_loop import checkpoint_due
 from tests.conftest import prepare_char_data, train_cmd, train_losses
 
 TEXT = "".join(f"{who}: the {what} of {where} doth {verb}.\n"
@@ -177,7 +178,6 @@ def test_consolidate_without_a_sharded_checkpoint_is_a_clear_error(tmp_path, cap
 
 
 @pytest.mark.parametrize("step, expected", [(4, True), (8, False), (12, True), (16, False), (5, False)])
-def test_shards_are_staged_exactly_where_the_loop_checkpoints_without_an_eval(tmp_path, data_dir, step,
-                                                                              expected):
+def test_the_loop_checkpoints_without_an_eval_exactly_at_these_steps(tmp_path, data_dir, step, expected):
     cfg = load_train_config(_config(tmp_path, data_dir, "run"))  # checkpoint every 4, eval every 8
-    assert sharded_checkpoint.due_without_eval(cfg, step) is expected
+    assert checkpoint_due(cfg, step) is expected

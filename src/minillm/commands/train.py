@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(Trainer(cfg, resume=args.resume, quiet=True if args.quiet else None))
     if summary.get("interrupted"):
         return 130
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from rank 0
+    if os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0")) == "0":  # one summary line, from rank 0
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
               f"{summary.get('tokens_per_s', 0):,.0f} tokens/s; run directory {cfg.out_dir}")
     return 0

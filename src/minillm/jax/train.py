@@ -31,7 +31,7 @@ from minillm.jax.model import init_params, params_to_canonical
 from minillm.jax.optim import make_optimizer
 from minillm.jax.step import TrainState, init_train_state, make_eval_loss, make_train_step
 from minillm.jax.trainer_state import restore_trainer_state, save_trainer_state
-from minillm.train_loop import NonFiniteLoss
+from minillm.train_loop import NonFiniteLoss, checkpoint_due
 from minillm.viz.metrics import MetricsLog
 
 
@@ -195,9 +195,8 @@ class Trainer:
             raise NonFiniteLoss(loss)  # the step kept the previous state
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"finite, but gradient norm {grad_norm}")
-        step, every, evals = self.step + 1, self.cfg.checkpoint_interval, self.cfg.eval_interval
-        if every and step % every == 0 and not (evals and step % evals == 0):
-            self._sync(step)  # the loop checkpoints after this step, without an evaluation
+        if checkpoint_due(self.cfg, self.step + 1):
+            self._sync(self.step + 1)  # the loop checkpoints after this step, without an evaluation
         return loss, grad_norm
 
     def evaluate(self) -> float:

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minillm import checkpoint
-from minillm.config import ModelConfig, TrainConfig
+from minillm.config import ModelConfig
 from minillm.files import atomic_write_json, atomic_write_text, read_json
 
 SHARDED_DIR = "sharded"
@@ -94,14 +94,6 @@ def resume_point(run_dir: str | Path) -> Path | None:
         return sharded
     newer = read_scalars(sharded)["step"] > checkpoint.read_trainer_state(run_dir)[1]["step"]
     return sharded if newer else None
-
-
-def due_without_eval(cfg: TrainConfig, step: int) -> bool:
-    """Whether minillm.train_loop checkpoints after `step` without evaluating first (it also
-    checkpoints after every evaluation): the ranks stage their shards before rank 0 saves."""
-    every = cfg.checkpoint_interval or cfg.eval_interval
-    evaluates = cfg.eval_interval and step % cfg.eval_interval == 0
-    return bool(every and step % every == 0 and not evaluates)
 
 
 def read_scalars(path: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from minillm.torch.model import Transformer, model_params, next_token_loss
 from minillm.torch.optim import make_optimizer
 from minillm.torch.run_data import RunData
 from minillm.torch.trainer_state import restore_optimizer, save_trainer_state, state_weights
-from minillm.train_loop import NonFiniteLoss
+from minillm.train_loop import NonFiniteLoss, checkpoint_due
 from minillm.viz.metrics import MetricsLog
 
 
@@ -247,7 +247,7 @@ class Trainer:
         torch.autograd.graph.increment_version(self.trained)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        if self.sharded and sharded_checkpoint.due_without_eval(cfg, self.step + 1):
+        if self.sharded and checkpoint_due(cfg, self.step + 1):
             self._stage_shards(self.step + 1)  # the loop will checkpoint right after this step
         return total, grad_norm
 
