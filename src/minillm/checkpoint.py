@@ -53,7 +53,8 @@ def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
 
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical parameter name of this config and its shape (DESIGN.md)."""
-    c, D, kv = config, config.d_model, config.n_kv_heads * config.head_dim
+    c, D = config, config.d_model
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim  # q == D unless head_dim is explicit
     shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (c.vocab_size, D), "norm.weight": (D,)}
     if c.positions == "learned":
         shapes["pos_emb.weight"] = (c.max_seq_len, D)
@@ -62,7 +63,7 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     norm_bias = c.norm == "layernorm" and c.bias
     if norm_bias:
         shapes["norm.bias"] = (D,)
-    linears = {"attn.q": (D, D), "attn.k": (kv, D), "attn.v": (kv, D), "attn.o": (D, D),
+    linears = {"attn.q": (q, D), "attn.k": (kv, D), "attn.v": (kv, D), "attn.o": (D, q),
                "mlp.up": (c.d_ff, D), "mlp.down": (D, c.d_ff)}
     if c.mlp == "swiglu":
         linears["mlp.gate"] = (c.d_ff, D)

@@ -27,6 +27,8 @@ class ModelConfig:
     d_ff defaults to 4*d_model for GELU and to 8/3*d_model rounded up to a multiple of 64 for
     SwiGLU (the LLaMA rule, which keeps the parameter count of a GELU MLP). n_kv_heads defaults
     to n_heads (multi-head attention); fewer gives grouped-query, 1 gives multi-query attention.
+    head_dim defaults to d_model // n_heads; an explicit one lets n_heads * head_dim differ from
+    d_model (a model whose attention heads were pruned, minillm.torch.prune; Gemma-style shapes).
     """
 
     vocab_size: int = 65
@@ -44,30 +46,30 @@ class ModelConfig:
     bias: bool = False
     dropout: float = 0.0
     tie_embeddings: bool = True
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None and _divides(self.n_heads, self.d_model):  # else validate() says why
+            self.head_dim = self.d_model // self.n_heads
         if self.d_ff is None:  # the defaults of the docstring
             hidden = int(8 * self.d_model / 3)
             self.d_ff = 64 * ((hidden + 63) // 64) if self.mlp == "swiglu" else 4 * self.d_model
         self.validate()
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                     "head_dim"):
             value = getattr(self, name)
+            if name == "head_dim" and value is None:
+                raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
+                                 f"n_heads ({self.n_heads}), or head_dim be given")
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
             _check_choice("ModelConfig", name, getattr(self, name), choices)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by "
-                             f"n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by "
                              f"n_kv_heads ({self.n_kv_heads})")
@@ -91,7 +93,14 @@ class ModelConfig:
         return from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if _divides(self.n_heads, self.d_model) and self.head_dim == self.d_model // self.n_heads:
+            del d["head_dim"]  # derived, not stored: a dict edited to another d_model / n_heads re-derives it
+        return d
+
+
+def _divides(n: Any, d: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (n, d)) and d % n == 0
 
 
 def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -52,6 +52,9 @@ def hf_config(config: ModelConfig):
 
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings)
     if family(config) == "gpt2":
+        if config.n_heads * config.head_dim != config.d_model:  # GPT-2 derives head_dim from n_embd
+            raise ValueError(f"GPT-2 style config with head_dim={config.head_dim} (n_heads * head_dim != "
+                             f"d_model={config.d_model}, a head-pruned model) has no transformers GPT2Config")
         return transformers.GPT2Config(
             n_positions=config.max_seq_len, n_embd=config.d_model, n_layer=config.n_layers,
             n_head=config.n_heads, n_inner=config.d_ff,

@@ -161,7 +161,7 @@ def attention(
         k = jnp.repeat(k, H // K, axis=1)  # (B, H, S, hd)
         v = jnp.repeat(v, H // K, axis=1)
     y, _ = attention_math(q, k, v, mask, config.dropout, key)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, D)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H * hd), H * hd == D unless head_dim is set
     return linear(params, f"{prefix}.o", y), new_cache
 
 

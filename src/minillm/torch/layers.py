@@ -152,11 +152,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.q = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim  # q_dim is D unless
+        self.q = nn.Linear(config.d_model, q_dim, bias=config.bias)                    # head_dim is set
         self.k = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.v = nn.Linear(config.d_model, kv_dim, bias=config.bias)
-        self.o = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.o = nn.Linear(q_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.use_sdpa = True  # the fused kernel; False = the readable path that keeps weights
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when keep_weights was asked
@@ -185,7 +185,7 @@ class Attention(nn.Module):
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             y, weights = attention_math(q, k, v, mask, p)
             self.last_weights = weights.detach() if keep_weights else None
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o(y)
 
 
