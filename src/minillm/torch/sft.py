@@ -26,7 +26,7 @@ from minillm.interop.hf import family
 from minillm.interop.peft import load_peft, save_peft
 from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.base import SPECIAL_TOKENS
-from minillm.torch import lora
+from minillm.torch import lora, prune
 from minillm.torch.model import load_model, model_from_params
 from minillm.torch.run_data import RunData, split_batch
 from minillm.torch.train import Trainer
@@ -56,6 +56,7 @@ class FinetuneTrainer(Trainer):
     """The Trainer on SFT batches from a base run; full fine-tuning or LoRA."""
 
     pretrained = True  # the step-0 loss is not ln(vocab_size): the loop does not flag it
+    pruned, masks = None, {}  # a base from `minillm prune` with zeroed weights: its record, its masks
 
     def __init__(self, cfg: TrainConfig, ft: FinetuneConfig, resume: bool = False, quiet: bool | None = None):
         self.ft = ft
@@ -74,6 +75,9 @@ class FinetuneTrainer(Trainer):
     def make_model(self) -> torch.nn.Module:
         _, params = checkpoint.load_weights(self.ft.base_run, self.cfg.model)  # checks the shapes fit
         model = model_from_params(self.cfg.model, params)
+        self.pruned = prune.record_of(self.ft.base_run)  # a `minillm prune` base: keep its zeros zero
+        masked = self.pruned.get("masked", []) if self.pruned and self.ft.method == "full" else []
+        self.masks = prune.masks_of(model, masked)
         if self.ft.method == "lora":
             lora.add_lora(model, self.ft.lora_rank, self.ft.lora_alpha, self.ft.lora_dropout, self.ft.targets)
             lora.freeze_base(model)
@@ -100,9 +104,16 @@ class FinetuneTrainer(Trainer):
         h = self.model.hidden(x)[trained]  # (n, D)
         return F.cross_entropy(self.model.lm_head(h).float(), y[trained])
 
+    def train_step(self) -> tuple[float, float]:
+        result = super().train_step()
+        prune.reapply_masks(self.model, self.masks)  # the optimizer moved pruned weights off zero
+        return result
+
     # --- what the run directory holds -------------------------------------------------------
     def write_run_files(self, run_dir: Path) -> None:
         extra = {"finetune": vars(self.ft)}  # names the base: what resume and inference load
+        if self.pruned:
+            extra["prune"] = self.pruned
         checkpoint.save_run_files(run_dir, self.cfg, self.data.dir, self.data.meta, extra)
 
     def state_params(self) -> dict[str, np.ndarray]:
