@@ -114,6 +114,28 @@ def test_budget_by_steps_tokens_or_training_time(tmp_path, clock, budget, steps)
     assert run_loop(t)["step"] == steps
 
 
+def test_a_time_budget_decays_to_the_floor_and_ends_at_the_budget(tmp_path, clock):
+    """1 s a step on the fake clock, max_time 10 s of max_steps 1000: the wsd decay (last 20%) takes
+    seconds 8 to 10; each step's lr follows the training seconds at its end, the last is min_lr."""
+    t = ScriptedTrainer(tmp_path, clock, max_time=10.0, max_steps=1000, eval_interval=0, schedule="wsd",
+                        decay_frac=0.2, lr=1e-3, min_lr=1e-4)
+    summary = run_loop(t)
+    rows = [r for r in _rows(t) if r.get("train_loss") is not None]
+    assert summary["step"] == 10 and summary["elapsed"] == pytest.approx(10.0)
+    # step k ends at k s; its position on the 1000-step axis is 100 k (step 1 knows no step time: 0)
+    want = [1e-3] * 8 + [1e-3 + 0.5 * (1e-4 - 1e-3), 1e-4]
+    assert [r["lr"] for r in rows] == pytest.approx(want)
+
+
+def test_a_token_budget_drives_the_decay(tmp_path, clock):
+    t = ScriptedTrainer(tmp_path, clock, max_tokens=16 * 10, max_steps=1000, eval_interval=0,
+                        lr=1e-3, min_lr=1e-4)  # cosine; 16 tokens a step: 10 steps
+    run_loop(t)
+    rows = [r for r in _rows(t) if r.get("train_loss") is not None]
+    cosine = [1e-4 + 0.5 * (1 + math.cos(math.pi * s / 10)) * 9e-4 for s in range(10)]  # position 100 s
+    assert [r["lr"] for r in rows] == pytest.approx(cosine)
+
+
 def test_step0_flag(tmp_path, clock, capsys):
     run_loop(ScriptedTrainer(tmp_path, clock, max_steps=1))
     out = capsys.readouterr().out
@@ -275,3 +297,19 @@ def test_no_periodic_eval_or_checkpoint_still_ends_with_both(tmp_path, data_dir,
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["step"] == 5
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("val_loss") is not None] == [5]
+
+
+def test_a_torch_run_with_max_time_ends_at_the_budget_at_min_lr(tmp_path, data_dir):
+    """The real trainer and clock: `--set max_time=3` with max_steps far away, warmup-stable-decay:
+    the last step runs at min_lr and the run ends within one step of the 3 s (training seconds)."""
+    cfg = _config(tmp_path, data_dir, "torch", steps=100000)
+    assert cli(["train", "--config", str(cfg), "--quiet", "--set", "max_time=3", "--set", 'schedule="wsd"',
+                "--set", "min_lr=1e-4", "--set", "checkpoint_interval=0"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("train_loss") is not None]
+    assert train[-1]["lr"] == pytest.approx(1e-4, rel=1e-9) and len(train) > 10
+    assert max(r["lr"] for r in train) == pytest.approx(1e-2)  # the plateau was reached first
+    decaying = [r for r in train if 1e-4 < r["lr"] < 1e-2 - 1e-12 and r["step"] > 2]  # warmup excluded
+    assert decaying and decaying[0]["time"] >= 0.75 * 3  # the decay took the end of the time (last 20%)
+    step = max(b["time"] - a["time"] for a, b in zip(train[-4:], train[-3:]))  # one step, recently
+    assert abs(train[-1]["time"] - 3.0) <= step + 0.05

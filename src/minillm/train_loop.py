@@ -20,7 +20,7 @@ from typing import Protocol
 from tqdm import tqdm
 
 from minillm.config import TrainConfig
-from minillm.schedule import lr_at
+from minillm.schedule import lr_at, schedule_step
 from minillm.viz.metrics import MetricsLog
 
 
@@ -36,6 +36,7 @@ class Trainer(Protocol):
     tokens: int  # tokens trained on
     elapsed: float  # training seconds, evaluations excluded, across resumes
     best_val: float  # best validation loss so far (inf before the first)
+    schedule_step: float | None  # set by the loop before each step: where the lr decay stands
 
     def describe(self) -> str:
         """One line said before a fresh run: device and precision ("auto" may mean bf16)."""
@@ -113,9 +114,11 @@ def run_loop(t: Trainer) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=t.step, disable=t.quiet or not t.is_main, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     clock, losses, val = _Clock(t.elapsed, t.tokens), [], math.nan
+    time_up, last_start = False, None
     try:
-        # --- budget: steps, tokens or training seconds, whichever ends first ---
-        while not _out_of_budget(t, clock):
+        # --- budget: steps, tokens or training seconds, whichever ends first; it drives the lr ---
+        while not time_up and not _out_of_budget(t, clock):
+            time_up, last_start = _plan_step(t, clock, last_start)
             loss, grad_norm = t.train_step()  # raises NonFiniteLoss before a bad update
             if t.step == 0 and t.is_main and not getattr(t, "pretrained", False):  # fine-tuning: skip
                 _check_step0(bar, loss, cfg.model.vocab_size)
@@ -146,6 +149,19 @@ def run_loop(t: Trainer) -> dict:
                 elapsed=t.elapsed, tokens_per_s=t.tokens / max(t.elapsed, 1e-9))
 
 
+def _plan_step(t: Trainer, clock: _Clock, last_start: float | None) -> tuple[bool, float]:
+    """Set where the lr decay stands for the next step (schedule.schedule_step). Returns (whether a
+    time budget makes it the last step, its start). The last step is the one whose expected end
+    is nearest to max_time: it runs at the end of the schedule (min_lr), and the run ends about
+    half a step from the budget. A step is expected to take as long as the one before."""
+    cfg, now = t.cfg, clock.now()
+    step_time = 0.0 if last_start is None else now - last_start
+    end = now + step_time  # the training seconds expected when this step ends
+    last = cfg.max_time is not None and end + step_time / 2 > cfg.max_time
+    t.schedule_step = schedule_step(cfg, t.step, t.tokens, cfg.max_time if last else end)
+    return last, now
+
+
 def _out_of_budget(t: Trainer, clock: _Clock) -> bool:
     cfg = t.cfg
     return (t.step >= cfg.max_steps or (cfg.max_tokens is not None and t.tokens >= cfg.max_tokens)
@@ -160,7 +176,7 @@ def _check_step0(bar, loss: float, vocab_size: int) -> None:
 
 
 def _log_train(t: Trainer, bar, clock: _Clock, loss: float, grad_norm: float) -> None:
-    tok_s, lr = clock.tokens_per_s(t.tokens), lr_at(t.step - 1, t.cfg)
+    tok_s, lr = clock.tokens_per_s(t.tokens), lr_at(t.step - 1, t.cfg, t.schedule_step)
     if t.is_main:
         t.metrics.append(dict(step=t.step, tokens=t.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=round(tok_s, 1), time=round(clock.now(), 3)))

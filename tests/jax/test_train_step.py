@@ -1,6 +1,8 @@
 """The JAX training step against torch.optim.AdamW on the same weights, batches and
 hyper-parameters: schedule, decay mask, one step (loss 1e-6, params 1e-5), 50 steps (1e-3)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from minillm.config import ModelConfig, TrainConfig  # noqa: E402
 from minillm.jax import model as jm  # noqa: E402
 from minillm.jax import optim as jo  # noqa: E402
 from minillm.jax import step as js  # noqa: E402
-from minillm.schedule import lr_at  # noqa: E402
+from minillm.schedule import lr_at, schedule_step  # noqa: E402
 from minillm.torch.model import Transformer, model_params, next_token_loss  # noqa: E402
 from minillm.torch.optim import decay_split  # noqa: E402
 
@@ -83,6 +85,17 @@ def test_schedule_equals_lr_at(schedule):
     fn = jax.jit(jo.lr_schedule(cfg))
     got = np.array([float(fn(s)) for s in range(45)])
     np.testing.assert_allclose(got, [lr_at(s, cfg) for s in range(45)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_schedule_follows_a_token_budget_as_lr_at_does(schedule):
+    cfg = train_cfg(GPT2, schedule=schedule, max_steps=400, warmup_steps=3)
+    cfg = dataclasses.replace(cfg, max_tokens=20 * cfg.batch_size * cfg.block_size)  # binds at step 20
+    fn = jax.jit(jo.lr_schedule(cfg))
+    tokens = cfg.batch_size * cfg.block_size
+    want = [lr_at(s, cfg, schedule_step(cfg, s, s * tokens)) for s in range(22)]
+    np.testing.assert_allclose([float(fn(s)) for s in range(22)], want, rtol=1e-6)
+    assert want[20] == pytest.approx(cfg.min_lr) and want[2] < cfg.lr  # the floor at the budget; warmup
 
 
 @pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["tied-bias", "untied"])

@@ -29,20 +29,25 @@ def decay_mask(params: Params) -> dict[str, bool]:
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     """minillm.schedule.lr_at as a traceable function of the step (warmup, then cosine |
-    constant | warmup-stable-decay); tests check the two agree at every step."""
-    warmup, total = cfg.warmup_steps, cfg.max_steps
+    constant | warmup-stable-decay); tests check the two agree at every step. The decay follows
+    schedule_step under step and token budgets (tokens = step * batch_size * block_size here);
+    a time budget is not known inside the compiled step, so under max_time it follows steps."""
+    warmup, total, tokens_per_step = cfg.warmup_steps, cfg.max_steps, cfg.batch_size * cfg.block_size
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = cfg.lr * (step + 1) / (warmup + 1)
+        position = step  # where the decay stands: minillm.schedule.schedule_step
+        if cfg.max_tokens:
+            position = jnp.maximum(step, jnp.minimum(step * tokens_per_step / cfg.max_tokens, 1.0) * total)
         if cfg.schedule == "constant":
             after = jnp.asarray(cfg.lr, jnp.float32)
         elif cfg.schedule == "wsd":
             decay_start = total - cfg.decay_frac * total
-            frac = jnp.clip((step - decay_start) / max(1e-9, total - decay_start), 0.0, 1.0)
+            frac = jnp.clip((position - decay_start) / max(1e-9, total - decay_start), 0.0, 1.0)
             after = cfg.lr + frac * (cfg.min_lr - cfg.lr)
         else:  # cosine
-            progress = jnp.minimum(1.0, (step - warmup) / max(1, total - warmup))
+            progress = jnp.minimum(1.0, (position - warmup) / max(1, total - warmup))
             after = cfg.min_lr + 0.5 * (1.0 + jnp.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
         return jnp.where(step < warmup, warm, after)
 

@@ -68,6 +68,11 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, jax.eval_shape(init, init_key))  # decay mask: names, ndim
         self._setup_devices(micro, lambda key: init_train_state(init(key), self.optimizer), init_key)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
+        self.schedule_step = None  # the loop sets it; the compiled schedule follows steps and tokens
+        if cfg.max_time and cfg.schedule != "constant" and self.is_main:
+            print("note: the JAX schedule decays by steps and tokens, not by max_time (the PyTorch "
+                  "backend follows max_time too); set max_steps or max_tokens to end the decay",
+                  file=sys.stderr)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self._snapshot: tuple[int, TrainState] | None = None  # (step, host copy) for save(); see _sync
         if resume:

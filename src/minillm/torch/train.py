@@ -95,6 +95,7 @@ class Trainer:
         self.trained = [p for group in self.opt.param_groups for p in group["params"]]  # what clipping sees
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step, self.tokens, self.elapsed, self.best_val = 0, 0, 0.0, math.inf
+        self.schedule_step: float | None = None  # where the lr decay stands; the loop sets it per step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if resume:
             self._resume()
@@ -222,7 +223,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """grad_accum micro-steps then one optimizer step; returns (mean loss, grad norm before clipping)."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg, self.schedule_step)
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         total = 0.0
