@@ -28,6 +28,7 @@ from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.base import SPECIAL_TOKENS
 from minillm.torch import lora, prune
 from minillm.torch.model import load_model, model_from_params
+from minillm.torch.quant_format import load_quantized, quantization_record
 from minillm.torch.run_data import RunData, split_batch
 from minillm.torch.train import Trainer
 
@@ -143,7 +144,8 @@ def load_for_inference(run_dir: str | Path, adapter: str | Path | None = None):
     """(model, tokenizer) for generation: a run's weights, or for a LoRA run its base's weights
     with its adapter. `adapter` adds an adapter directory (ours: adapter.json, or peft's:
     adapter_config.json) to a run with full weights. The adapter is merged in and the layers
-    turned back into nn.Linear, so the fast decoder (minillm.torch.packed) sees plain weights."""
+    turned back into nn.Linear, so the fast decoder (minillm.torch.packed) sees plain weights.
+    A quantized run (minillm.torch.quant_format) loads with its integer layers."""
     run_dir = Path(run_dir)
     ft = finetune.record(run_dir) if (run_dir / checkpoint.CONFIG_FILE).is_file() else None
     base = ft.base_run if ft is not None and ft.method == "lora" else align.adapter_base(run_dir)
@@ -154,6 +156,10 @@ def load_for_inference(run_dir: str | Path, adapter: str | Path | None = None):
         model, _ = load_for_inference(base)  # merged: an SFT run may itself be a LoRA run
         tokenizer = load_tokenizer(run_dir / checkpoint.TOKENIZER_FILE)
         adapter = run_dir
+    elif (run_dir / checkpoint.CONFIG_FILE).is_file() and quantization_record(run_dir) is not None:
+        if adapter is not None:  # LoRA layers over integer weights do not merge (minillm.torch.lora)
+            raise ValueError(f"{run_dir} is a quantized run: quantize the run with its adapter merged in")
+        return load_quantized(run_dir)
     else:
         model, tokenizer = load_model(run_dir)
     if adapter is not None:
