@@ -26,6 +26,7 @@ from torch import nn
 
 from minillm.checkpoint import CheckpointError, load_tensors, save_tensors
 from minillm.files import atomic_write_json, read_json
+from minillm.torch.quantize import QuantLinear
 
 TARGETS = ("q", "k", "v", "o", "up", "gate", "down")  # the blocks' linear layers, canonical names
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
@@ -64,10 +65,11 @@ class LoRALinear(nn.Module):
     """A linear layer plus named low-rank adapters. `weight`/`bias` are the base layer's own
     parameters (same objects, same names), so the model's canonical state dict is unchanged."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        self.quantized = None if isinstance(base, nn.Linear) else base  # QLoRA: kept whole, buffers only
+        self.weight, self.bias = (base.weight, base.bias) if self.quantized is None else (None, None)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()  # adapter name -> nn.Linear
         self.lora_dropout = nn.ModuleDict()
         self.configs: dict[str, LoRAConfig] = {}
@@ -79,7 +81,8 @@ class LoRALinear(nn.Module):
         return self.unmerged_weight is not None
 
     def add(self, name: str, config: LoRAConfig) -> None:
-        kw = dict(bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        ref = self.weight if self.quantized is None else self.quantized.scales  # a float tensor of the base
+        kw = dict(bias=False, device=ref.device, dtype=ref.dtype)
         self.lora_A[name] = nn.Linear(self.in_features, config.rank, **kw)  # weight (r, in)
         self.lora_B[name] = nn.Linear(config.rank, self.out_features, **kw)  # weight (out, r)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
@@ -89,7 +92,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
         name = self.active
         if name is None or name not in self.configs or self.merged:
             return y
@@ -101,8 +104,8 @@ class LoRALinear(nn.Module):
     def merge(self) -> bool:
         """W += (alpha / r) · B A (out, in), keeping W. False if there is nothing to merge."""
         name = self.active
-        if self.merged or name not in self.configs:
-            return False
+        if self.merged or name not in self.configs or self.quantized is not None:
+            return False  # QLoRA: integer weights cannot hold the update, the adapter stays unmerged
         with torch.no_grad():  # in place: bumps the version the packed decoder's cache checks
             self.unmerged_weight = self.weight.detach().clone()
             delta = self.configs[name].scaling * (self.lora_B[name].weight @ self.lora_A[name].weight)
@@ -126,8 +129,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def target_layers(model: nn.Module, targets=TARGETS) -> dict[str, nn.Module]:
     """Module path -> the linear layer (plain or already swapped) of each target in each block."""
     return {path: m for path, m in model.named_modules()  # path: blocks.{i}.{attn|mlp}.{target}
-            if isinstance(m, (nn.Linear, LoRALinear)) and path.split(".")[-2:-1] in (["attn"], ["mlp"])
-            and path.rpartition(".")[2] in targets}
+            if isinstance(m, (nn.Linear, LoRALinear, QuantLinear)) and path.rpartition(".")[2] in targets
+            and path.split(".")[-2:-1] in (["attn"], ["mlp"])}
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -145,7 +148,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     present = tuple(t for t in TARGETS if any(p.endswith("." + t) for p in found))
     config = LoRAConfig(rank, alpha, dropout, present)  # record what was actually adapted
     for path, module in found.items():
-        if isinstance(module, nn.Linear):  # first adapter here: swap the layer in its parent
+        if not isinstance(module, LoRALinear):  # first adapter here: swap the layer in its parent
             parent, _, leaf = path.rpartition(".")
             module = LoRALinear(module)
             setattr(model.get_submodule(parent), leaf, module)

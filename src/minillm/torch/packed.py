@@ -8,6 +8,8 @@ Same mathematics as `Transformer.forward`, from the same functions of minillm.to
   `F.linear` on [out, in]). Compiled ("row-dot" layout): [out, in], each product a row-wise dot
   product (row_dot_linear) streaming the weights at ~40 GB/s, ~3x MKL's single-token `sgemv`
   here (BENCHMARKS.md); the tied head then is the embedding table itself.
+- A quantized model (minillm.torch.quantize) keeps its int8/int4 layers: fused like the float ones,
+  they stay objects in place of the weight tensors, and the two `linear`s hand them x to multiply.
 - Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
   most of a tiny model's decode step).
 - Keys/values are written into the caches at explicit slots (`index_copy_`) and attention runs
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.torch import layers
+from minillm.torch.quantize import QuantLinear, fuse
 
 # model -> {compile: (fingerprint of its weights, PackedCopy)}
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -32,11 +35,15 @@ _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # --- matrix products in the two layouts -----------------------------------------------------------
 def addmm_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """Eager layout: x (N, in) times w (in, out) -> (N, out)."""
+    if isinstance(w, QuantLinear):  # int8 / int4 weights (minillm.torch.quantize): their own products
+        return w.linear(x, b)
     return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
 
 def row_dot_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """Row-dot layout: x (N, in) times w (out, in) -> (N, out)."""
+    if isinstance(w, QuantLinear):  # dequantized inside its own row-wise dot product when compiling
+        return w.linear(x, b)
     if x.size(0) == 1 and torch.compiler.is_compiling():
         # One token: y[o] = sum_i w[o, i] x[i], written out so Inductor emits a single reduction
         # loop over contiguous rows of w (no (1, out, in) temporary is ever materialised).
@@ -56,11 +63,22 @@ def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> No
 
 
 def _fused(*linears: nn.Linear, row_dot: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate linear layers along their outputs: weight [out, in] (row_dot) or [in, out], bias (out,)."""
+    """Concatenate linear layers along their outputs: weight [out, in] (row_dot) or [in, out], bias (out,).
+    Quantized layers fuse into one quantized layer, in its own layout."""
+    b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears]).contiguous()
+    if isinstance(linears[0], QuantLinear):
+        return fuse(*linears), b
     w = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # (out, in)
     w = w.contiguous() if row_dot else w.t().contiguous()
-    b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears]).contiguous()
     return w, b
+
+
+def register(module: nn.Module, name: str, w) -> None:
+    """A weight tensor as a buffer, a quantized layer as a submodule (compile freezes both)."""
+    if isinstance(w, QuantLinear):
+        setattr(module, name, w)
+    else:
+        module.register_buffer(name, w)
 
 
 def _copy(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -81,7 +99,7 @@ class PackedBlock(nn.Module):
         for name, (w, b) in {"qkv": _fused(attn.q, attn.k, attn.v, row_dot=row_dot),
                              "o": _fused(attn.o, row_dot=row_dot), "up": _fused(*up, row_dot=row_dot),
                              "down": _fused(mlp.down, row_dot=row_dot)}.items():
-            self.register_buffer(f"{name}_w", w)
+            register(self, f"{name}_w", w)
             self.register_buffer(f"{name}_b", b)
 
     def norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
@@ -122,7 +140,7 @@ class PackedModel(nn.Module):
         head = model.lm_head.weight.detach()  # (V, D)
         tied = c.tie_embeddings and row_dot  # then the head is the embedding table itself
         head_w = self.tok_emb if tied else head.clone() if row_dot else head.t().contiguous()
-        self.register_buffer("head_w", head_w)
+        register(self, "head_w", model.lm_head if isinstance(model.lm_head, QuantLinear) else head_w)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], last_only: bool = True,
