@@ -118,6 +118,10 @@ def load_weights(run_dir: str | Path,
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory not found: {run_dir}")
     config = config or load_config(run_dir)
+    quantized = "quantization" in read_json(run_dir / CONFIG_FILE, CheckpointError)
+    if quantized and not (run_dir / MODEL_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is a quantized run (integer weights in quantized.safetensors): "
+                              f"load it with minillm.torch.sft.load_for_inference")
     params = load_tensors(run_dir / MODEL_FILE)
     check_params(config, params, str(run_dir / MODEL_FILE))
     return config, params
