@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.checkpoint import CheckpointError
+from minillm.checkpoint import CheckpointError, load_weights
 from minillm.cli import main as cli
 from minillm.data.loader import read_tokens
 from minillm.torch import lora, packed, quantize
@@ -150,6 +150,18 @@ def test_truncated_or_unknown_quantized_run_is_a_one_line_error(env, tmp_path, c
     (out / "config.json").write_text(json.dumps(config))
     one_line_error(capsys, ["sample", "--run", str(out), "--prompt", "A"], "config.json",
                    "unknown quantization method 'int3'")
+
+
+def test_what_needs_float_weights_refuses_a_quantized_run_by_name(env, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli(["quantize", "--run", str(env["base"]), "--method", "int8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    for command in (["export", "hf", "--run", str(out), "--out", str(tmp_path / "hf")],
+                    ["export", "gguf", "--run", str(out), "--out", str(tmp_path / "m.gguf")]):
+        one_line_error(capsys, command, f"{out} is a quantized run (int8)", str(env["base"]))
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()
+    with pytest.raises(CheckpointError, match="is a quantized run .*load_for_inference"):
+        load_weights(out)  # what the float loaders (torch load_model, the JAX backend) go through
 
 
 def test_qlora_trains_an_adapter_over_a_frozen_int4_base(env):

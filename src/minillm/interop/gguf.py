@@ -34,6 +34,7 @@ from minillm.checkpoint import check_params, save_run
 from minillm.config import ModelConfig
 from minillm.interop.gguf_tokenizer import add_tokenizer, tokenizer_from_fields
 from minillm.interop.hf_dir import _staging
+from minillm.torch.quant_format import check_float_run
 from minillm.torch.sft import load_for_inference
 
 Tensors = dict[str, np.ndarray]  # name -> array, PyTorch layout ([out, in] for a linear weight)
@@ -163,6 +164,7 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, dtype: 
     """Write the run (full weights, or a LoRA run merged into its base) as one GGUF file for llama.cpp."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    check_float_run(run_dir, "a GGUF export (its q8_0 is llama.cpp's own)")
     model, tokenizer = load_for_inference(run_dir)
     config = model.config
     arch = architecture(config)

@@ -34,6 +34,7 @@ from minillm.tokenizer import SPECIAL_TOKENS, BPETokenizer, CharTokenizer, load_
 from minillm.tokenizer.chat import save_hf_tokenizer, stop_token_ids
 from minillm.tokenizer.hf import bpe_from_hf_any, char_from_hf
 from minillm.torch import lora
+from minillm.torch.quant_format import check_float_run
 from minillm.torch.sft import load_for_inference
 
 ADAPTER_MODES = ("merged", "peft")
@@ -101,6 +102,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, adapter: str | Path | No
     if out.exists():
         raise ValueError(f"{out} already exists; give a new directory")
     if adapter_mode == "merged":
+        check_float_run(run_dir, "a transformers export")
         model, tokenizer = load_for_inference(run_dir, adapter)
         hf_model, peft_model = to_transformers(model), None
     else:

@@ -30,6 +30,13 @@ QUANT_FILE = "quantized.safetensors"
 FORMAT, VERSION = "minillm-quant", 1
 
 
+def check_float_run(run_dir: str | Path, purpose: str) -> None:
+    """A one-line error when run_dir is a quantized run: `purpose` needs its float weights."""
+    if (Path(run_dir) / CONFIG_FILE).is_file() and (record := quantization_record(run_dir)) is not None:
+        raise ValueError(f"{run_dir} is a quantized run ({record['method']}); {purpose} needs float weights: "
+                         f"use the run it was made from ({record.get('source')})")
+
+
 def quantization_record(run_dir: str | Path) -> dict | None:
     """The "quantization" entry of run_dir/config.json, checked; None for a float run."""
     path = Path(run_dir) / CONFIG_FILE
