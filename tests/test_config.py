@@ -18,7 +18,7 @@ def test_presets_build_and_round_trip_json(name, tmp_path):
         (dict(d_model=130, n_heads=4), "d_model"),
         (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
         (dict(norm="batchnorm"), "norm"),
-        (dict(positions="alibi"), "positions"),
+        (dict(positions="xpos"), "positions"),
         (dict(mlp="relu"), "mlp"),
         (dict(n_layers=0), "n_layers"),
         (dict(dropout=1.5), "dropout"),

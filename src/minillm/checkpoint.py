@@ -76,7 +76,41 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"blocks.{i}.{norm}.weight"] = (D,)
             if norm_bias:
                 shapes[f"blocks.{i}.{norm}.bias"] = (D,)
+    if c.n_experts > 1:
+        _to_mixture_of_experts(shapes, c)
+    if c.encoder_layers:
+        _add_encoder_decoder_shapes(shapes, c, linears, norm_bias)
     return shapes
+
+
+def _to_mixture_of_experts(shapes: dict, c: ModelConfig) -> None:
+    """Mixture of experts (minillm.torch.moe): each block's MLP becomes a bias-free router,
+    blocks.{i}.mlp.router.weight (n_experts, D), and n_experts copies of the MLP, mlp.experts.{e}.*"""
+    for name in [n for n in shapes if n.startswith("blocks.") and ".mlp." in n]:
+        block, rest = name.split(".mlp.")
+        shape = shapes.pop(name)
+        shapes.update({f"{block}.mlp.experts.{e}.{rest}": shape for e in range(c.n_experts)})
+    shapes.update({f"blocks.{i}.mlp.router.weight": (c.n_experts, c.d_model) for i in range(c.n_layers)})
+
+
+def _add_encoder_decoder_shapes(shapes: dict, c: ModelConfig, linears: dict, norm_bias: bool) -> None:
+    """The encoder-decoder (minillm.torch.seq2seq): encoder.{i} blocks named like the decoder's,
+    a final encoder_norm, and in each decoder block a cross-attention (cross_attn.q/k/v/o: queries
+    from the decoder, keys/values from the encoder output) after its own norm, cross_attn_norm."""
+    layers = {f"encoder.{i}.{name}": shape for i in range(c.encoder_layers)
+              for name, shape in linears.items()}
+    layers.update({f"blocks.{i}.cross_{name}": shape for i in range(c.n_layers)
+                   for name, shape in linears.items() if name.startswith("attn.")})
+    norms = ["encoder_norm", *(f"blocks.{i}.cross_attn_norm" for i in range(c.n_layers)),
+             *(f"encoder.{i}.{n}" for i in range(c.encoder_layers) for n in ("attn_norm", "mlp_norm"))]
+    for name, shape in layers.items():
+        shapes[f"{name}.weight"] = shape
+        if c.bias:
+            shapes[f"{name}.bias"] = (shape[0],)
+    for name in norms:
+        shapes[f"{name}.weight"] = (c.d_model,)
+        if norm_bias:
+            shapes[f"{name}.bias"] = (c.d_model,)
 
 
 def check_params(config: ModelConfig, params: dict[str, Any], source: str = "checkpoint") -> None:

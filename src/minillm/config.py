@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from minillm.config_arch import OMITTED_AT_DEFAULT, validate_architecture
 from minillm.config_io import from_dict, load_toml, parse_overrides
 from minillm.data.loader import read_meta
 
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 MLPS = ("gelu", "gelu_exact", "swiglu")
 
 
@@ -47,6 +48,13 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     head_dim: int | None = None
+    attention: str = "softmax"
+    attention_window: int | None = None  # sliding window (Mistral): each query sees this many keys
+    n_experts: int = 0  # mixture-of-experts MLP (Mixtral) when > 1; config_arch.py says the rest
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+    encoder_layers: int = 0  # > 0: the encoder-decoder of Vaswani et al. 2017 (minillm.torch.seq2seq)
+    norm_placement: str = "pre"  # "pre" x + f(norm(x)) | "post" norm(x + f(x)) (encoder-decoder only)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -80,6 +88,7 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+        validate_architecture(self)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -96,7 +105,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if _divides(self.n_heads, self.d_model) and self.head_dim == self.d_model // self.n_heads:
             del d["head_dim"]  # derived, not stored: a dict edited to another d_model / n_heads re-derives it
-        return d
+        # fields at their OMITTED_AT_DEFAULT default are not written: older config.json stays byte-identical
+        return {k: v for k, v in d.items() if k not in OMITTED_AT_DEFAULT or v != OMITTED_AT_DEFAULT[k]}
 
 
 def _divides(n: Any, d: Any) -> bool:
