@@ -178,8 +178,9 @@ def _check_step0(bar, loss: float, vocab_size: int) -> None:
 def _log_train(t: Trainer, bar, clock: _Clock, loss: float, grad_norm: float) -> None:
     tok_s, lr = clock.tokens_per_s(t.tokens), lr_at(t.step - 1, t.cfg, t.schedule_step)
     if t.is_main:
+        extras = t.row_extras() if hasattr(t, "row_extras") else {}  # optional, e.g. MoE expert usage
         t.metrics.append(dict(step=t.step, tokens=t.tokens, train_loss=loss, lr=lr, grad_norm=grad_norm,
-                              tokens_per_s=round(tok_s, 1), time=round(clock.now(), 3)))
+                              tokens_per_s=round(tok_s, 1), time=round(clock.now(), 3), **extras))
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
 

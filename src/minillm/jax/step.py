@@ -18,6 +18,7 @@ import optax
 
 from minillm.config import ModelConfig, TrainConfig
 from minillm.jax.model import Params, forward, next_token_loss
+from minillm.jax.moe import aux_loss
 from minillm.jax.optim import clip_by_global_norm
 
 
@@ -35,10 +36,13 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
 def loss_fn(params: Params, config: ModelConfig, x: jax.Array, y: jax.Array, key: jax.Array | None = None,
             dtype=jnp.float32) -> jax.Array:
     """Mean next-token cross-entropy of one batch: x, y (B, T) int; key turns dropout on;
-    dtype: what the forward computes in (a cast copy of the float32 params)."""
+    dtype: what the forward computes in (a cast copy of the float32 params). A mixture of experts
+    adds its load-balancing loss (minillm.jax.moe), as the PyTorch Trainer does."""
     if dtype != jnp.float32:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
-    return next_token_loss(forward(params, config, x, key=key), y)
+    router_logits = []
+    logits = forward(params, config, x, key=key, router_logits=router_logits)
+    return next_token_loss(logits, y) + aux_loss(router_logits, config)
 
 
 def accumulate_grads(params: Params, config: ModelConfig, xs: jax.Array, ys: jax.Array,

@@ -24,7 +24,7 @@ from minillm import checkpoint
 from minillm.config import TrainConfig
 from minillm.files import atomic_write_json
 from minillm.schedule import lr_at
-from minillm.torch import parallel, sharded_checkpoint
+from minillm.torch import moe, parallel, sharded_checkpoint
 from minillm.torch.model import Transformer, model_params, next_token_loss
 from minillm.torch.optim import make_optimizer
 from minillm.torch.run_data import RunData
@@ -212,8 +212,12 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss of a micro-batch, x and y (b, T); through DDP / compile when on."""
-        return next_token_loss(self.ddp(x), y)
+        """Mean next-token loss of a micro-batch, x and y (b, T); through DDP / compile when on; plus
+        a mixture of experts' load-balancing loss (minillm.torch.moe), which is 0 without one."""
+        return next_token_loss(self.ddp(x), y) + moe.aux_loss(self.model)
+
+    def row_extras(self) -> dict:  # what the loop adds to a train row: MoE expert usage, if any
+        return moe.expert_usage(self.model)
 
     def autocast(self):
         if self.dtype == torch.float32:
