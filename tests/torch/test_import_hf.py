@@ -204,7 +204,9 @@ ERRORS = {
     "architecture": (dict(edit_config=lambda c: {**c, "model_type": "gpt_neox",
                                                  "architectures": ["GPTNeoXForCausalLM"]}),
                      "model_type 'gpt_neox' (GPTNeoXForCausalLM) is not supported"),
-    "sliding window": (dict(edit_config=lambda c: {**c, "model_type": "mistral", "sliding_window": 16}),
+    # Mistral's window imports (test_a_mistral_sliding_window_imports); Qwen2's per-layer one does not
+    "sliding window": (dict(edit_config=lambda c: {**c, "model_type": "qwen2", "use_sliding_window": True,
+                                                   "sliding_window": 16, "max_window_layers": 0}),
                        "sliding_window=16 < max_position_embeddings=64"),
     "rope scaling": (dict(edit_config=lambda c: {**c, "rope_parameters": {
                          "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
@@ -228,6 +230,25 @@ def test_what_minillm_cannot_express_is_a_one_line_error_and_nothing_is_written(
     args = ["import", "hf", "--model", str(directory), "--out", str(tmp_path / "run")]
     one_line_error(capsys, args, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["variant"]
+
+
+def test_a_mistral_sliding_window_imports_as_attention_window(imported, tmp_path):
+    hf_model, hf_tok, directory, _ = imported["mistral"]
+    windowed = tmp_path / "mistral-window"
+    shutil.copytree(directory, windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    assert cli(["import", "hf", "--model", str(windowed), "--out", str(tmp_path / "run")]) == 0
+    model, tokenizer = load_model(tmp_path / "run")
+    assert model.config.attention_window == 16
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(windowed).eval()
+    columns, ids = hf_columns(tokenizer, hf_tok), tokenizer.encode(CORPUS[:200])
+    assert len(ids) > 3 * 16  # far beyond the window
+    with torch.no_grad():
+        ours, logits = model(torch.tensor([ids])), theirs(torch.tensor([[columns[i] for i in ids]])).logits
+        unwindowed = hf_model(torch.tensor([[columns[i] for i in ids]])).logits  # the same weights, no window
+    assert (ours[..., : len(columns)] - logits[..., columns]).abs().max().item() <= 1e-5
+    assert (logits - unwindowed).abs().max().item() > 1e-3  # the window changes the function
 
 
 def test_missing_tokenizer_and_existing_output_are_refused(imported, tmp_path, capsys):

@@ -5,9 +5,10 @@ Two families map exactly:
   layers are `Conv1D`, stored [in, out] (the transpose of ours), and Q, K, V are one fused
   `c_attn` of width 3*D, which we split.
 - LLaMA (`LlamaForCausalLM`): RMSNorm, RoPE (rotate-half, the same layout as ours, so no
-  permutation), SwiGLU, grouped-query attention. Names map one to one. Mistral (without a sliding
-  window) and Qwen2 import as the same family: Qwen2 has biases on q/k/v only, so it becomes
-  bias=True with zero o/MLP biases (ModelConfig has one `bias` switch), which computes the same.
+  permutation), SwiGLU, grouped-query attention. Names map one to one. Mistral (its sliding_window
+  is ModelConfig.attention_window, and a config with one exports as Mistral) and Qwen2 import as
+  the same family: Qwen2 has biases on q/k/v only, so it becomes bias=True with zero o/MLP biases
+  (ModelConfig has one `bias` switch), which computes the same.
 Biases that one side has and the other lacks are zeros, so a bias-free GPT-2 style run exports
 too, and a GPT-2 style run with grouped-query attention exports with each K/V head repeated.
 minillm.interop.hf_dir reads and writes whole directories (run dir <-> HF dir).
@@ -19,10 +20,12 @@ from __future__ import annotations
 import torch
 
 from minillm.config import ModelConfig
+from minillm.interop import hf_mixtral
 from minillm.torch.model import Transformer
 
-_GPT2_PARTS = dict(norm="layernorm", positions="learned", mlp=("gelu", "gelu_exact"))
-_LLAMA_PARTS = dict(norm="rmsnorm", positions="rope", mlp=("swiglu",))
+_GPT2_PARTS = dict(norm="layernorm", positions="learned", mlp=("gelu", "gelu_exact"), attention="softmax",
+                   attention_window=(None,), n_experts=(0, 1))  # mixture of experts: Mixtral, LLaMA-style
+_LLAMA_PARTS = dict(norm="rmsnorm", positions="rope", mlp=("swiglu",), attention="softmax")
 
 
 def family(config: ModelConfig) -> str:
@@ -33,7 +36,7 @@ def family(config: ModelConfig) -> str:
     misses = {}
     for name, parts in (("gpt2", _GPT2_PARTS), ("llama", _LLAMA_PARTS)):
         misses[name] = [f"{k}={getattr(config, k)!r}" for k, v in parts.items()
-                        if getattr(config, k) not in ((v,) if isinstance(v, str) else v)]
+                        if getattr(config, k) not in (v if isinstance(v, tuple) else (v,))]
     if not misses["llama"]:
         return "llama"
     if not misses["gpt2"]:
@@ -64,14 +67,20 @@ def hf_config(config: ModelConfig):
             # GPT-2's <|endoftext|> is id 50256; a smaller vocabulary has no such token.
             **({} if config.vocab_size > 50256 else dict(bos_token_id=None, eos_token_id=None)),
         )
-    return transformers.LlamaConfig(
+    llama = dict(
         hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
         max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        attention_bias=config.bias, mlp_bias=config.bias, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, hidden_act="silu",
         attention_dropout=config.dropout, head_dim=config.head_dim, **common,
     )
+    if config.n_experts > 1:  # Mixtral: LLaMA's layers with a mixture-of-experts MLP (hf_mixtral.py)
+        return hf_mixtral.mixtral_config(config, llama)
+    if config.attention_window is not None:  # Mistral: LLaMA's layers under a sliding window, no biases
+        if config.bias:
+            raise ValueError("attention_window with bias=True has no transformers class (Mistral: no biases)")
+        return transformers.MistralConfig(sliding_window=config.attention_window, **llama)
+    return transformers.LlamaConfig(attention_bias=config.bias, mlp_bias=config.bias, **llama)
 
 
 def _gpt2_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -160,7 +169,10 @@ def to_transformers(model_or_state, config: ModelConfig | None = None):
     if kind == "gpt2":
         hf_sd, cls = _gpt2_to_hf(sd, config), transformers.GPT2LMHeadModel
     else:
-        hf_sd, cls = {_llama_name(k): v for k, v in sd.items()}, transformers.LlamaForCausalLM
+        hf_sd = {_llama_name(k): v for k, v in sd.items() if not hf_mixtral.is_moe(k)}
+        hf_sd.update(hf_mixtral.experts_to_hf(sd, config))  # Mixtral's routers and experts, if any
+        cls = transformers.MistralForCausalLM if config.attention_window else transformers.LlamaForCausalLM
+        cls = transformers.MixtralForCausalLM if config.n_experts > 1 else cls
         if config.tie_embeddings:
             hf_sd["lm_head.weight"] = sd["tok_emb.weight"]
     hf_model = cls(hf_config(config)).eval()
@@ -176,7 +188,7 @@ def to_transformers(model_or_state, config: ModelConfig | None = None):
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")  # the same layer names and maths when no sliding window is used
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "mixtral")  # LLaMA's names and maths (+ window, + experts)
 
 
 def config_from_hf(hf_config_obj) -> ModelConfig:
@@ -196,7 +208,7 @@ def config_from_hf(hf_config_obj) -> ModelConfig:
             tie_embeddings=bool(c.tie_word_embeddings),
         )
     if c.model_type in LLAMA_LIKE:
-        _check_llama_like(c)
+        window = _check_llama_like(c)
         rope = getattr(c, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(c, "rope_theta", None) or 10000.0)
         # Qwen2 has q/k/v biases only; LLaMA attention_bias (q/k/v/o) and mlp_bias. Any bias makes
@@ -207,13 +219,15 @@ def config_from_hf(hf_config_obj) -> ModelConfig:
             n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
             d_ff=c.intermediate_size, norm="rmsnorm", norm_eps=c.rms_norm_eps, positions="rope",
             rope_theta=float(theta), mlp="swiglu", bias=bias, tie_embeddings=bool(c.tie_word_embeddings),
+            attention_window=window, **hf_mixtral.moe_fields(c),
         )
     raise ValueError(f"unsupported transformers model_type {c.model_type!r} "
                      f"(gpt2, {', '.join(LLAMA_LIKE)} convert)")
 
 
-def _check_llama_like(c) -> None:
-    """ValueError naming the first field of a LLaMA-like config that ModelConfig cannot express."""
+def _check_llama_like(c) -> int | None:
+    """ValueError naming the first field of a LLaMA-like config that ModelConfig cannot express;
+    returns Mistral's sliding window when it is shorter than the context (else None)."""
     kind = c.model_type
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -229,9 +243,12 @@ def _check_llama_like(c) -> None:
     sliding = any(t != "full_attention" for t in getattr(c, "layer_types", None) or [])
     if kind == "qwen2" and not getattr(c, "use_sliding_window", False):
         window = None  # Qwen2 keeps a sliding_window value it does not use
+    if kind == "mistral":  # MistralForCausalLM applies sliding_window to every layer, as attention_window
+        return window if window is not None and window < c.max_position_embeddings else None
     if (window is not None and window < c.max_position_embeddings) or (sliding and window is not None):
         raise ValueError(f"{kind} sliding_window={window} < max_position_embeddings="
-                         f"{c.max_position_embeddings}: sliding-window attention is not supported")
+                         f"{c.max_position_embeddings}: sliding windows import from mistral only")
+    return None
 
 
 def from_transformers(hf_model) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -243,12 +260,13 @@ def from_transformers(hf_model) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         sd = _gpt2_from_hf(hf_sd, config)
     else:
         names = {name: _llama_name(name) for name in _canonical_llama_names(config)}
-        used = set(names.values()) | ({"lm_head.weight"} if config.tie_embeddings else set())
+        used = set(names.values()) | set(hf_mixtral.hf_names(config))
+        used |= {"lm_head.weight"} if config.tie_embeddings else set()
         unused = sorted(set(hf_sd) - used)
         if unused:  # a tensor we would silently drop: the model would compute something else
             raise ValueError(f"{type(hf_model).__name__} has tensors minillm does not use: {unused[:3]}")
         sd = {name: hf_sd[theirs] if theirs in hf_sd else torch.zeros(hf_sd[_weight_of(theirs)].shape[0])
-              for name, theirs in names.items()}
+              for name, theirs in names.items()} | hf_mixtral.experts_from_hf(hf_sd, config)
     return config, {k: v.detach().float().clone() for k, v in sd.items()}
 
 
@@ -262,7 +280,8 @@ def _weight_of(bias_name: str) -> str:
 def _canonical_llama_names(config: ModelConfig) -> list[str]:
     names = ["tok_emb.weight", "norm.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
     for i in range(config.n_layers):
-        names += [f"blocks.{i}.{k}" for k in _LLAMA_BLOCK if config.bias or not k.endswith(".bias")]
+        names += [f"blocks.{i}.{k}" for k in _LLAMA_BLOCK if (config.bias or not k.endswith(".bias"))
+                  and (config.n_experts <= 1 or not k.startswith("mlp."))]  # Mixtral: hf_mixtral.py
     return names
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from minillm.config import ModelConfig
 from minillm.jax.kv_cache import write_slots
+from minillm.jax.linear_attention import parallel_form
 
 Params = dict  # canonical name -> jax.Array
 
@@ -125,7 +126,7 @@ def attention_math(
     scores = q @ jnp.swapaxes(k, -2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is None:
         mask = causal_mask(q.shape[-2], k.shape[-2])
-    scores = jnp.where(mask, scores, -jnp.inf)
+    scores = jnp.where(mask, scores, -jnp.inf) if mask.dtype == jnp.bool_ else scores + mask  # float: a bias
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     return dropout(weights, dropout_p, key) @ v, weights
 
@@ -160,7 +161,10 @@ def attention(
     if K != H:  # each K/V head serves a group of H / K query heads
         k = jnp.repeat(k, H // K, axis=1)  # (B, H, S, hd)
         v = jnp.repeat(v, H // K, axis=1)
-    y, _ = attention_math(q, k, v, mask, config.dropout, key)
+    if config.attention == "linear":  # Katharopoulos et al. 2020 (minillm.jax.linear_attention)
+        y = parallel_form(q, k, v, mask)
+    else:
+        y, _ = attention_math(q, k, v, mask, config.dropout, key)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H * hd), H * hd == D unless head_dim is set
     return linear(params, f"{prefix}.o", y), new_cache
 
@@ -188,13 +192,14 @@ def mlp(params: Params, prefix: str, config: ModelConfig, x: jax.Array) -> jax.A
 # --- the block ----------------------------------------------------------------------------------
 def block(
     params: Params, prefix: str, config: ModelConfig, x: jax.Array, rope=None, kv_cache=None,
-    mask=None, key: jax.Array | None = None,
+    mask=None, key: jax.Array | None = None, mlp_fn=mlp,
 ) -> tuple[jax.Array, tuple | None]:
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). x (B, T, D).
-    Returns (x, updated kv cache or None). key: dropout randomness (None = no dropout)."""
+    Returns (x, updated kv cache or None). key: dropout randomness (None = no dropout). mlp_fn: the
+    MLP, as `mlp`'s signature (a mixture of experts: minillm.jax.moe.mlp_fn)."""
     keys = jax.random.split(key, 3) if key is not None else (None, None, None)
     h, new_cache = attention(params, f"{prefix}.attn", config, norm(params, f"{prefix}.attn_norm", config, x),
                              rope, kv_cache, mask, keys[0])
     x = x + dropout(h, config.dropout, keys[1])
-    h = mlp(params, f"{prefix}.mlp", config, norm(params, f"{prefix}.mlp_norm", config, x))
+    h = mlp_fn(params, f"{prefix}.mlp", config, norm(params, f"{prefix}.mlp_norm", config, x))
     return x + dropout(h, config.dropout, keys[2]), new_cache

@@ -21,6 +21,8 @@ import numpy as np
 from minillm import checkpoint
 from minillm.config import ModelConfig
 from minillm.jax.layers import Params, block, dropout, norm, rope_tables, sinusoidal_table
+from minillm.jax.masks import attention_mask
+from minillm.jax.moe import mlp_fn
 
 
 def params_from_canonical(flat: dict, config: ModelConfig) -> Params:
@@ -45,7 +47,7 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
     params = {}
     for name, k in zip(sorted(shapes), jax.random.split(key, len(shapes))):
         shape = shapes[name]
-        if name.endswith("attn.o.weight") or name.endswith("mlp.down.weight"):
+        if name.endswith("attn.o.weight") or name.endswith("down.weight"):  # also MoE experts' down
             params[name] = residual_std * jax.random.normal(k, shape, jnp.float32)
         elif name.endswith("norm.weight"):
             params[name] = jnp.ones(shape, jnp.float32)
@@ -84,22 +86,25 @@ def lm_head(params: Params, x: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None,
-            mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+            mask: jax.Array | None = None, key: jax.Array | None = None,
+            router_logits: list | None = None) -> jax.Array:
     """tokens (B, T) -> logits (B, T, vocab).
 
     positions: (T,) or (B, T) absolute positions, default 0..T-1. mask: (T, S) or (B, 1, T, S)
     bool, True = may attend; None = causal. key: a PRNG key turns dropout on (training only).
+    router_logits: a list that collects each mixture-of-experts layer's router logits (N, E).
     """
     T = tokens.shape[1]
     if positions is None:
-        if T > config.max_seq_len:
+        if T > config.max_seq_len and config.positions != "alibi":  # ALiBi extrapolates
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {config.max_seq_len}")
         positions = jnp.arange(T)
     keys = jax.random.split(key, config.n_layers + 1) if key is not None else [None] * (config.n_layers + 1)
     x = dropout(embed(params, config, tokens, positions), config.dropout, keys[-1])
-    cos_sin = rope(config, positions)
+    cos_sin, moe_or_dense = rope(config, positions), mlp_fn(config, router_logits)
+    mask = attention_mask(config, positions, positions, mask)  # sliding window, ALiBi
     for i in range(config.n_layers):
-        x, _ = block(params, f"blocks.{i}", config, x, cos_sin, None, mask, keys[i])
+        x, _ = block(params, f"blocks.{i}", config, x, cos_sin, None, mask, keys[i], moe_or_dense)
     return lm_head(params, norm(params, "norm", config, x))
 
 
@@ -113,9 +118,11 @@ def forward_cached(params: Params, config: ModelConfig, tokens: jax.Array, cache
     positions = start + jnp.arange(tokens.shape[1])  # (T,)
     x = embed(params, config, tokens, positions)
     cos_sin = rope(config, positions)
+    mask = attention_mask(config, positions, jnp.arange(cache["k"].shape[3]), None)  # slot p holds position p
     ks, vs = [], []
     for i in range(config.n_layers):
-        x, (k, v) = block(params, f"blocks.{i}", config, x, cos_sin, (cache["k"][i], cache["v"][i], start))
+        x, (k, v) = block(params, f"blocks.{i}", config, x, cos_sin, (cache["k"][i], cache["v"][i], start),
+                          mask, mlp_fn=mlp_fn(config))
         ks.append(k)
         vs.append(v)
     logits = lm_head(params, norm(params, "norm", config, x))

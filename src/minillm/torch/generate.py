@@ -19,8 +19,8 @@ import torch
 from minillm.config import cache_length
 from minillm.tokenizer.stream import StopChecker, text_pieces
 from minillm.torch.beam import beam_search
-from minillm.torch.kv_cache import BatchCache
-from minillm.torch.packed import packed_copy
+from minillm.torch.kv_cache import BatchCache, EagerBatchCache
+from minillm.torch.packed import packed_copy, packed_supports
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, sample_next
 
 
@@ -53,8 +53,11 @@ def token_steps(model, prompts: list[list[int]], max_new_tokens: int, sampling: 
     running in the batch; callers drop what follows their stop token.)"""
     lengths = [len(p) for p in prompts]
     window = cache_length(lengths, max_new_tokens, model.config.max_seq_len, context_overflow)
-    cache = BatchCache(packed_copy(model, compile), window, model.config.vocab_size,
-                       track_seen=sampling.repetition_penalty not in (None, 1.0))
+    track_seen = sampling.repetition_penalty not in (None, 1.0)
+    if packed_supports(model.config):
+        cache = BatchCache(packed_copy(model, compile), window, model.config.vocab_size, track_seen)
+    else:  # ALiBi, sliding window, linear attention, ...: the eager model and its own caches
+        cache = EagerBatchCache(model, window, model.config.vocab_size, track_seen)
     generators = _generators(seed, len(prompts))
     stop, done = set(stop_token_ids), [False] * len(prompts)
     history = [p[-window:] for p in prompts]  # kept only for the sliding window

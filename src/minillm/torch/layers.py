@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.config import ModelConfig
+from minillm.torch.linear_attention import linear_attention
 
 # (x, weight, bias) -> x Wᵀ + b in some weight layout; F.linear for the (out, in) of nn.Linear.
 LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -158,6 +159,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(config.d_model, kv_dim, bias=config.bias)
         self.o = nn.Linear(q_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
+        self.linear = config.attention == "linear"  # Katharopoulos et al. 2020: kv_cache is then its state
         self.use_sdpa = True  # the fused kernel; False = the readable path that keeps weights
         self.last_weights: torch.Tensor | None = None  # (B, H, T, S) when keep_weights was asked
 
@@ -171,6 +173,8 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.linear:  # no softmax, no mask: causal by construction (minillm.torch.linear_attention)
+            return self.o(linear_attention(q, k, v, kv_cache).transpose(1, 2).reshape(B, T, -1))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, K, S, hd)
         p = self.dropout if self.training else 0.0
@@ -233,16 +237,20 @@ class SwiGLU(nn.Module):
         return swiglu(x, self.gate, self.up, self.down)
 
 
+def make_mlp(config: ModelConfig) -> nn.Module:
+    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+
 # --- the block ----------------------------------------------------------------------------------
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, mlp: nn.Module | None = None):
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
-        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+        self.mlp = make_mlp(config) if mlp is None else mlp  # e.g. a mixture of experts (torch/moe.py)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, kv_cache=None, mask=None, keep_weights=False) -> torch.Tensor:

@@ -16,12 +16,17 @@ from torch import nn
 from minillm.checkpoint import check_params, load_run
 from minillm.config import ModelConfig
 from minillm.torch.layers import Block, make_norm, rope_tables, sinusoidal_table
+from minillm.torch.masks import attention_mask
+from minillm.torch.moe import idle_parameters, make_moe
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
+        if config.encoder_layers:  # the encoder-decoder has a class of its own
+            raise ValueError(f"ModelConfig.encoder_layers={config.encoder_layers} is an encoder-decoder: "
+                             f"minillm.torch.seq2seq.Seq2SeqTransformer, not the decoder-only Transformer")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
@@ -34,7 +39,7 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, make_moe(config)) for _ in range(config.n_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one tensor, two roles (Press & Wolf 2017)
@@ -48,7 +53,7 @@ class Transformer(nn.Module):
         residual stream's variance does not grow with depth; biases 0, norm gains 1."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("attn.o.weight") or name.endswith("mlp.down.weight"):
+            if name.endswith("attn.o.weight") or name.endswith("down.weight"):  # also MoE experts' down
                 nn.init.normal_(p, 0.0, residual_std)
             elif name.endswith("norm.weight"):
                 nn.init.ones_(p)
@@ -61,8 +66,9 @@ class Transformer(nn.Module):
                 kv_caches: list | None = None, mask: torch.Tensor | None = None,
                 keep_weights: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). positions: (T,) or (B, T) absolute positions,
-        default 0..T-1 (a KV cache passes its offset). kv_caches: one KVCache per block
-        (minillm.torch.kv_cache). mask: (T, S) or (B, 1, T, S) bool, True = may attend; None =
+        default 0..T-1 (a KV cache passes its offset). kv_caches: one cache per block
+        (minillm.torch.kv_cache.make_model_caches: KV, ring-buffer or linear-attention state).
+        mask: (T, S) or (B, 1, T, S) bool, True = may attend; None =
         causal. keep_weights: keep each block's attention weights in `block.attn.last_weights`
         (uses the plain-math attention path)."""
         return self.lm_head(self.hidden(tokens, positions, kv_caches, mask, keep_weights))
@@ -73,6 +79,8 @@ class Transformer(nn.Module):
         """forward without lm_head: the final normed hidden states (B, T, D)."""
         x = self.embed(tokens, positions)
         rope = self.rope(positions, tokens.size(1))
+        # a sliding window and ALiBi, when configured, become the mask (minillm.torch.masks)
+        mask = attention_mask(self.config, tokens.size(1), positions, kv_caches, mask, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, kv_caches[i] if kv_caches is not None else None, mask, keep_weights)
         return self.norm(x)
@@ -81,7 +89,7 @@ class Transformer(nn.Module):
         """(B, T) ids -> (B, T, D) token embeddings plus additive positions."""
         T = tokens.size(1)
         if positions is None:
-            if T > self.config.max_seq_len:
+            if T > self.config.max_seq_len and self.config.positions != "alibi":  # ALiBi extrapolates
                 raise ValueError(f"sequence length {T} exceeds the model's max_seq_len "
                                  f"{self.config.max_seq_len}")
             positions = torch.arange(T, device=tokens.device)
@@ -118,10 +126,12 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM appendix B rule:
         6 N + 12 L D T, where N counts every parameter used in a matmul (embedding lookups are
         not), and 12 L D T is attention's QKᵀ and AV at context T (counted in full; a causal
-        kernel could skip half). Forward alone is a third of it."""
+        kernel could skip half). Forward alone is a third of it. A mixture of experts counts the
+        k experts a token uses (its active parameters), not all n_experts."""
         c = self.config
         T = seq_len or c.max_seq_len
-        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.n_layers * c.d_model * T
+        n = self.num_parameters(exclude_embeddings=True) - idle_parameters(self)
+        return 6 * n + 12 * c.n_layers * c.d_model * T
 
 
 def _drop_tied_head(module, state_dict, prefix, local_metadata) -> None:

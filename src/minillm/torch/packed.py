@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.torch import layers
+from minillm.torch.alibi import alibi_slopes
 from minillm.torch.quantize import QuantLinear, fuse
 
 # model -> {compile: (fingerprint of its weights, PackedCopy)}
@@ -128,6 +129,7 @@ class PackedModel(nn.Module):
         c = self.config = model.config
         self.linear = row_dot_linear if row_dot else addmm_linear
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.register_buffer("alibi_slopes", alibi_slopes(c.n_heads) if c.positions == "alibi" else None)
         self.register_buffer("tok_emb", _copy(model.tok_emb.weight))
         # the additive position table, learned or sinusoidal (None with RoPE)
         pos = model.pos_emb.weight if c.positions == "learned" else getattr(model, "sin_table", None)
@@ -158,7 +160,7 @@ class PackedModel(nn.Module):
         rope = None
         if self.rope_cos is not None:
             rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B,1,T,hd)
-        bias = self.attention_bias(mask)  # (B, 1, G*T, S), computed once for all layers
+        bias = self.attention_bias(mask, slots)  # (B, 1 or K, G*T, S), computed once for all layers
         x = x.view(B * T, -1)  # (N, D): every linear layer sees a plain matrix
         for blk, k_cache, v_cache in zip(self.blocks, k_caches, v_caches):
             x = x + self.attention(blk, blk.norm(x, "attn_norm"), B, T, rope, slots, bias, k_cache, v_cache,
@@ -170,15 +172,24 @@ class PackedModel(nn.Module):
         logits = self.linear(x, self.head_w, None)  # (N', V)
         return logits if last_only else logits.view(B, T, -1)  # (B, V) or (B, T, V)
 
-    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+    def attention_bias(self, mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, S) bool or float mask -> float bias (B, 1, G*T, S), one copy per query head
-        of a group (grouped-query attention folds a group's heads into the query axis)."""
+        of a group (grouped-query attention folds a group's heads into the query axis). With ALiBi
+        (B, K, G*T, S): each head's -m_h * distance added, the distance counted in cache slots (a
+        row's slots and positions differ by its constant left padding)."""
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=self.tok_emb.dtype).masked_fill_(~mask, float("-inf"))
+        if self.alibi_slopes is not None:  # (B, H, T, S): minillm.torch.alibi's bias over slots
+            distance = slots[..., :, None] - torch.arange(mask.size(-1), device=mask.device)  # (.., T, S)
+            distance = distance if distance.dim() == 3 else distance[None]  # (1 or B, T, S)
+            mask = mask - self.alibi_slopes[:, None, None] * distance[:, None].to(mask.dtype)
+        B, H, T, S = mask.shape  # H: 1, or n_heads with ALiBi
         G = self.n_heads // self.n_kv_heads
+        if H > 1:  # query head j*G + g is row g*T + t of K/V head j's folded query axis
+            return mask.reshape(B, self.n_kv_heads, G * T, S)
         if G == 1:
             return mask
-        return mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(mask.size(0), 1, G * mask.size(2), -1)
+        return mask.unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(B, 1, G * T, S)
 
     def attention(self, blk: PackedBlock, x: torch.Tensor, B: int, T: int, rope, slots, bias,
                   k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -246,9 +257,23 @@ def compile_decode_step(packed: PackedModel, autotune: bool = True):
     return step
 
 
+def packed_supports(config) -> bool:
+    """Whether the packed model computes this config: softmax attention over the full causal
+    context (any positions, ALiBi included), a dense MLP, decoder-only. Others decode on the
+    nn.Module itself (minillm.torch.kv_cache.EagerBatchCache, chosen by minillm.torch.generate;
+    a sliding window there keeps its ring-buffer cache, bounded by the window)."""
+    return (config.attention == "softmax" and config.attention_window is None
+            and getattr(config, "n_experts", 0) <= 1 and getattr(config, "encoder_layers", 0) == 0)
+
+
 def packed_copy(model, compile: bool = False) -> PackedCopy:
     """The PackedCopy of `model` for this mode: one per model and mode, sharing nothing with the
     model, rebuilt only when its weights changed (training, load_state_dict)."""
+    if not packed_supports(model.config):  # it would silently compute another function
+        c = model.config
+        raise ValueError(f"the packed decoder cannot run this config (attention={c.attention!r}, "
+                         f"attention_window={c.attention_window}, positions={c.positions!r}, n_experts="
+                         f"{getattr(c, 'n_experts', 0)}); minillm.torch.generate decodes it on the model")
     tensors = list(model.parameters()) + list(model.buffers())
     fingerprint = tuple((t.data_ptr(), t._version) for t in tensors)
     cached = _COPIES.setdefault(model, {}).get(compile)
