@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from minillm.data import tasks
+from minillm.checkpoint import load_config
+from minillm.data import seq2seq_tasks, tasks
 from minillm.data.loader import read_tokens
 
 
@@ -51,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.run, args.adapter)
-    result = _tasks(args, model, tokenizer) if args.tasks else _perplexity(args, model)
+    if args.tasks and load_config(args.run).encoder_layers:  # an encoder-decoder: source in, answer out
+        result = _seq2seq_tasks(args)
+    else:
+        model, tokenizer = load_for_inference(args.run, args.adapter)
+        result = _tasks(args, model, tokenizer) if args.tasks else _perplexity(args, model)
     if args.json:
         print(json.dumps(result))
     elif args.tasks:
@@ -79,6 +83,20 @@ def _tasks(args: argparse.Namespace, model, tokenizer) -> dict:
         raise ValueError(f"--max-new-tokens {new}: must be between 1 and {context - 1} (the context - 1)")
     answers = answer_tasks(model, tokenizer, examples, train, args.few_shot, new, args.batch_size)
     return {**tasks.score(answers, examples), "split": split}
+
+
+def _seq2seq_tasks(args: argparse.Namespace) -> dict:
+    """Exact match of an encoder-decoder's greedy outputs for a task set's sources (data.seq2seq_tasks)."""
+    from minillm.torch.seq2seq import load_seq2seq
+    from minillm.torch.seq2seq_generate import transform_texts
+
+    model, tokenizer = load_seq2seq(args.run)
+    split = args.split or "test"
+    examples = seq2seq_tasks.load(args.tasks, split)[: args.limit]
+    new = args.max_new_tokens or model.config.max_seq_len
+    outputs = transform_texts(model, tokenizer, [seq2seq_tasks.source_of(e) for e in examples], new,
+                              batch_size=args.batch_size)
+    return {**tasks.score(outputs, examples), "split": split}
 
 
 def _perplexity(args: argparse.Namespace, model) -> dict:

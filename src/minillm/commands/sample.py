@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minillm.checkpoint import load_config
 from minillm.commands._generation import add_sampling_args, load_draft, load_for_generation, sampling_kwargs
 from minillm.tokenizer.stream import special_ids, text_pieces
 
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.num_beams < 1:
         raise ValueError("--num-samples and --num-beams must be >= 1")
     text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    if load_config(args.run).encoder_layers:  # an encoder-decoder: the prompt is the source it transforms
+        return _run_seq2seq(args, text)
     if args.backend == "jax":
         return _run_jax(args, text)
     from minillm.torch.generate import generate, stream_text
@@ -105,4 +108,18 @@ def _run_jax(args: argparse.Namespace, text: str) -> int:
                         length_penalty=args.length_penalty, seed=args.seed, stop_strings=args.stop,
                         context_overflow="slide" if args.sliding_window else "error")
     print("\n---------------\n".join(text + out for out in outs))
+    return 0
+
+
+def _run_seq2seq(args: argparse.Namespace, text: str) -> int:
+    """An encoder-decoder run (minillm.torch.seq2seq): print the output for the prompt, decoded
+    greedily or with --num-beams; sampling options, --stream, --draft and --adapter do not apply."""
+    if args.backend != "torch" or args.adapter or args.draft or args.num_samples != 1:
+        raise ValueError(f"{args.run} is an encoder-decoder: --backend torch, one sample, "
+                         f"no --adapter or --draft")
+    from minillm.torch.seq2seq import load_seq2seq
+    from minillm.torch.seq2seq_generate import transform_texts
+
+    model, tokenizer = load_seq2seq(args.run)
+    print(transform_texts(model, tokenizer, [text], args.max_new_tokens, args.num_beams)[0])
     return 0

@@ -29,7 +29,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'backend="{args.backend}"'] if args.backend else [])
     cfg = load_train_config(args.config, overrides)
-    if cfg.backend == "jax":
+    if cfg.model.encoder_layers:  # the encoder-decoder trains on a seq2seq task set (data_dir names it)
+        from minillm.torch.seq2seq_train import Seq2SeqTrainer as Trainer
+    elif cfg.backend == "jax":
         from minillm.jax.train import Trainer
     else:
         from minillm.torch.train import Trainer
