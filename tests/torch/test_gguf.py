@@ -210,9 +210,14 @@ def test_q8_0_blocks_dequantize_within_their_bound(tmp_path, d_model):
     (dict(positions="sinusoidal"), "positions='sinusoidal'"),
     (dict(mlp="gelu_exact"), "mlp='gelu_exact'"),
     (dict(bias=False), "bias=False"),
+    (dict(llama=True, attention_window=8), "attention_window=8"),
+    (dict(llama=True, attention="linear"), "attention='linear'"),
+    (dict(llama=True, n_experts=4, experts_per_token=2), "n_experts=4"),
 ])
 def test_architectures_llama_cpp_lacks_are_refused_by_name(tmp_path, change, needle):
-    run, *_ = _run(tmp_path, "gpt2", max_seq_len=40, **change)
+    change = dict(change)
+    style, extra = ("llama-gqa", LLAMA) if change.pop("llama", False) else ("gpt2", dict(max_seq_len=40))
+    run, *_ = _run(tmp_path, style, **extra, **change)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         export_gguf(run, tmp_path / "m.gguf")
     assert list(tmp_path.glob("*m.gguf*")) == []

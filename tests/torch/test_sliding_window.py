@@ -137,6 +137,18 @@ def test_greedy_tokens_equal_mistral_far_beyond_the_window(mistral):
     assert len(set(got)) > 3  # not a constant stream
 
 
+def test_beam_search_equals_mistrals_far_beyond_the_window(mistral):
+    """Beam search decodes a windowed model on the model itself (the packed decoder can't)."""
+    from minillm.torch.beam import beam_search
+
+    theirs, ours = mistral
+    prompt = random_prompt(4, seed=3)
+    with torch.no_grad():
+        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=3 * W, num_beams=3, do_sample=False,
+                                   length_penalty=1.0, pad_token_id=0)[0, len(prompt):].tolist()
+    assert beam_search(ours, prompt, 3 * W, num_beams=3) == expected
+
+
 def test_export_writes_a_mistral_config_with_the_window(mistral):
     from minillm.interop import hf
 

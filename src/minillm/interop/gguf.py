@@ -42,9 +42,12 @@ DTYPES = ("f32", "f16", "q8_0")
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 # What each llama.cpp architecture needs of a ModelConfig (gpt2's MLP is ggml_gelu: the tanh form).
+# What llama.cpp's two architectures compute; the last four keep out what neither has (windows,
+# linear attention, experts, an encoder).
+_PLAIN = dict(attention="softmax", attention_window=None, n_experts=0, encoder_layers=0)
 ARCHITECTURES = {
-    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu"),
-    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True),
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", **_PLAIN),
+    "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, **_PLAIN),
 }
 
 

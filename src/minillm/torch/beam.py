@@ -11,8 +11,8 @@ import torch
 
 from minillm import beam
 from minillm.config import cache_length
-from minillm.torch.kv_cache import BatchCache
-from minillm.torch.packed import packed_copy
+from minillm.torch.kv_cache import BatchCache, EagerBatchCache
+from minillm.torch.packed import packed_copy, packed_supports
 from minillm.torch.sampling import mask_padded_vocab
 
 
@@ -23,7 +23,8 @@ def beam_search(model, prompt: Sequence[int], max_new_tokens: int, num_beams: in
     """The best continuation of `prompt` (new tokens only); options as in minillm.beam.search."""
     beam.check_beam_args(num_beams, max_new_tokens)
     slots = cache_length([len(prompt)], max_new_tokens, model.config.max_seq_len)
-    cache = BatchCache(packed_copy(model), slots, model.config.vocab_size)
+    cache = (BatchCache(packed_copy(model), slots, model.config.vocab_size) if packed_supports(model.config)
+             else EagerBatchCache(model, slots, model.config.vocab_size))  # a window, linear attention, MoE
 
     def log_probs(logits: torch.Tensor) -> np.ndarray:  # (N, V) float32
         return torch.log_softmax(mask_padded_vocab(logits, vocab_size).float(), dim=-1).numpy()

@@ -26,7 +26,7 @@ from minillm.interop.hf import family
 from minillm.interop.peft import load_peft, save_peft
 from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.base import SPECIAL_TOKENS
-from minillm.torch import lora, prune
+from minillm.torch import lora, moe, prune
 from minillm.torch.model import load_model, model_from_params
 from minillm.torch.quant_format import load_quantized, quantization_record
 from minillm.torch.run_data import RunData, split_batch
@@ -103,7 +103,7 @@ class FinetuneTrainer(Trainer):
             return super().loss(x, y)
         trained = y != sft.IGNORE_INDEX  # (b, T)
         h = self.model.hidden(x)[trained]  # (n, D)
-        return F.cross_entropy(self.model.lm_head(h).float(), y[trained])
+        return F.cross_entropy(self.model.lm_head(h).float(), y[trained]) + moe.aux_loss(self.model)
 
     def train_step(self) -> tuple[float, float]:
         result = super().train_step()
