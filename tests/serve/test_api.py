@@ -172,6 +172,27 @@ def test_two_models_one_with_a_lora_adapter(run_dir, loaded, tmp_path):
     assert base == greedy_reference(loaded, ids, 30, eos) != tuned
 
 
+def test_a_quantized_run_is_served_as_sample_runs_it(run_dir, tmp_path):
+    """`minillm quantize` output loads in the server as in `sample`: its greedy text is generate()'s
+    on load_for_inference of the quantized run (integer layers, the packed decoder)."""
+    from minillm.cli import main as cli
+    from minillm.serve.app import create_app, run_in_thread
+    from minillm.torch.sft import load_for_inference
+
+    assert cli(["quantize", "--run", str(run_dir), "--method", "int8", "--out", str(tmp_path / "q8")]) == 0
+    app = create_app({"q8": str(tmp_path / "q8")}, max_batch=2)
+    base_url, stop = run_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="-", max_retries=0)
+        text = completion_text(client, "Anne sees", 30, False, "q8")[0]
+    finally:
+        stop()
+    quantized = load_for_inference(tmp_path / "q8")
+    assert any(type(m).__name__ == "Int8Linear" for m in quantized[0].modules())  # integer layers
+    ids, eos = quantized[1].encode("Anne sees"), special_ids(quantized[1], "eos")
+    assert text == greedy_reference(quantized, ids, 30, eos)
+
+
 def test_cli_serves_until_interrupted(run_dir, tmp_path):
     """`minillm serve` prints its URL when ready, wants the key of MINILLM_API_KEY, stops on Ctrl-C."""
     env = {**os.environ, "MINILLM_API_KEY": "sesame", "OMP_NUM_THREADS": "1"}
