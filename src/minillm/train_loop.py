@@ -92,7 +92,10 @@ def train(trainer: Trainer) -> dict:
     old = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM -> KeyboardInterrupt
     try:
-        return run_loop(trainer)
+        summary = run_loop(trainer)
+        if not summary["interrupted"] and hasattr(trainer, "finish"):
+            trainer.finish()  # e.g. every rank meets, then the process group closes
+        return summary
     finally:
         signal.signal(signal.SIGTERM, old)
 

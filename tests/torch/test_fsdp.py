@@ -100,7 +100,7 @@ def test_fsdp_refuses_what_it_does_not_support(tmp_path, data_dir, monkeypatch, 
     """Muon orthogonalises whole matrices (a shard is not one) and compile is untested with FSDP:
     a clear error before any process group is needed."""
     cfg = load_train_config(_config(tmp_path, data_dir, "run"), ['parallel="fsdp"', override])
-    monkeypatch.setattr(torch_train, "setup_distributed", lambda: (0, 2))
+    monkeypatch.setattr(torch_train, "setup_distributed", lambda: (0, 2))  # imported into train
     with pytest.raises(ValueError, match=f"parallel='fsdp' supports pretraining.*{named}.*parallel='ddp'"):
         torch_train.Trainer(cfg, quiet=True)
 

@@ -7,7 +7,7 @@
        full weights exist only while it runs (all-gather before its forward and backward), its
        gradients are reduce-scattered, and the optimizer updates the local shard only, so weights,
        gradients and AdamW's moments all take 1/world_size of the memory per rank.
-Both use gloo on CPUs and NCCL on GPUs (minillm.torch.train.setup_distributed); the code is the same.
+Both use gloo on CPUs and NCCL on GPUs (setup_distributed below); the code is the same.
 
 Activation checkpointing (Chen et al. 2016) keeps only each block's input for backward and runs
 the block's forward again there: activation memory per layer drops to one (B, T, D) tensor for
@@ -18,12 +18,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from minillm.config import TrainConfig
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world_size); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return int(os.environ.get("RANK", 0)), world
+
+
+def finish_distributed() -> None:
+    """After training under torchrun: wait until every rank is done (rank 0 may still be writing the
+    last checkpoint), then close the process group. A rank that exits with the group still open can
+    abort (SIGABRT) in gloo's threads while the others finish, failing the whole run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, cfg: TrainConfig, world: int, dtype: torch.dtype) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from minillm.schedule import lr_at
 from minillm.torch import moe, parallel, sharded_checkpoint
 from minillm.torch.model import Transformer, model_params, next_token_loss
 from minillm.torch.optim import make_optimizer
+from minillm.torch.parallel import setup_distributed
 from minillm.torch.run_data import RunData
 from minillm.torch.trainer_state import restore_optimizer, save_trainer_state, state_weights
 from minillm.train_loop import NonFiniteLoss, checkpoint_due
@@ -58,16 +59,6 @@ def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls at ~2x the fp32 rate. Without them, torch emulates bf16."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world_size); initialises torch.distributed when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return int(os.environ.get("RANK", 0)), world
 
 
 class Trainer:
@@ -166,6 +157,10 @@ class Trainer:
         if self.is_main:
             self.metrics.truncate_after(self.step)
             print(f"resumed {self.run_dir} at step {self.step} ({self.tokens:,} tokens seen)")
+
+    def finish(self) -> None:
+        """The run ended within its budget (minillm.train_loop.train): close torch.distributed."""
+        parallel.finish_distributed()
 
     def weights_finite(self) -> bool:
         if self.sharded and self._staged and self._staged.step == self.step:
