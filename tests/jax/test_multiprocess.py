@@ -32,6 +32,8 @@ max_steps = 50
 lr = 1e-2
 min_lr = 1e-3
 warmup_steps = 5
+# constant after warmup: the cut below is a token budget, and a budget that binds drives the decay
+schedule = "constant"
 eval_interval = 25
 checkpoint_interval = 10
 eval_batches = 2
