@@ -101,3 +101,20 @@ def test_hf_datasets_local_text_dataset(tmp_path) -> None:
     src = sources.hf_source("text", data_files=str(tmp_path / "t.txt"))
     assert ["".join(d.read_blocks()) for d in src.documents()] == ["line one", "line two"]
     assert len(src.checksum()) == 64
+
+
+@pytest.mark.parametrize("name, files, size, needle", [("django-docs", 656, 6_150_742, "QuerySet"),
+                                                      ("django-code", 885, 5_691_290, "def __init__(self")])
+def test_package_corpora_fetch_once_and_check(name, files, size, needle, tmp_path, monkeypatch) -> None:
+    """The two corpora of the recipe check (BENCHMARKS.md) come from Django's sdist on the package
+    index: the file count, the byte size and the content are what `tar` reports for that archive."""
+    from minillm.data.corpora import corpus_files
+
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path))
+    src = get_source(name)
+    docs = list(src.documents())
+    assert len(docs) == files and sum(d.size for d in docs) == size
+    assert needle in "".join(block for d in docs for block in d.read_blocks())
+    assert all("/" not in p.name and ".." not in p.name for p in corpus_files(name))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # second call: from the cache, no pip
+    assert src.checksum() == get_source(name).checksum()

