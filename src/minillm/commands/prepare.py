@@ -19,8 +19,8 @@ def register(sub) -> None:
                "  minillm prepare --source 'notes/*.txt' --tokenizer bpe --vocab-size 4096 --out data/notes",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True,
-                   help='"shakespeare" (built in), "django-docs" or "django-code" (fetched from the package index), '
-                        'a .txt/.jsonl file, a directory, a glob, or hf:<dataset>')
+                   help='"shakespeare" (built in), "django-docs" or "django-code" (fetched from the '
+                        'package index), a .txt/.jsonl file, a directory, a glob, or hf:<dataset>')
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="char",
                    help='"char", "bpe" (trained on the source; needs --vocab-size), or a tokenizer JSON file')
