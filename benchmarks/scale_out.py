@@ -88,8 +88,8 @@ def warm_runtime() -> None:
 def measure(name: str, world: int, parallel: str, config: Path, overrides: list[str], steps: int,
             tmp: Path) -> dict:
     """Launch one variant; per-rank measurements and inspect's estimate for it."""
-    from minillm.commands.inspect import memory_per_rank, peak
     from minillm.config import load_train_config
+    from minillm.memory import memory_per_rank, peak
 
     out = tmp / name.replace(" ", "_")
     out.mkdir()

@@ -12,6 +12,7 @@ Every write is atomic (minillm.files): a crash leaves the old file or the new on
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,11 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if c.encoder_layers:
         _add_encoder_decoder_shapes(shapes, c, linears, norm_bias)
     return shapes
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters of this config, counted from its canonical shapes (no model is built)."""
+    return sum(math.prod(shape) for shape in canonical_shapes(config).values())
 
 
 def _to_mixture_of_experts(shapes: dict, c: ModelConfig) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minillm.cli import main as cli
-from minillm.commands.inspect import memory_per_rank, peak
 from minillm.config import ModelConfig, TrainConfig
+from minillm.memory import memory_per_rank, peak
 from minillm.torch.model import Transformer, next_token_loss
 
 MODEL = dict(vocab_size=50, max_seq_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=128, mlp="gelu_exact")
