@@ -7,6 +7,7 @@ import os
 
 from minillm.config import load_train_config
 from minillm.train_loop import train
+from minillm.trainers import make_trainer
 
 
 def register(sub) -> None:
@@ -29,13 +30,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f'backend="{args.backend}"'] if args.backend else [])
     cfg = load_train_config(args.config, overrides)
-    if cfg.model.encoder_layers:  # the encoder-decoder trains on a seq2seq task set (data_dir names it)
-        from minillm.torch.seq2seq_train import Seq2SeqTrainer as Trainer
-    elif cfg.backend == "jax":
-        from minillm.jax.train import Trainer
-    else:
-        from minillm.torch.train import Trainer
-    summary = train(Trainer(cfg, resume=args.resume, quiet=True if args.quiet else None))
+    summary = train(make_trainer(cfg, resume=args.resume, quiet=True if args.quiet else None))
     if summary.get("interrupted"):
         return 130
     if os.environ.get("RANK", os.environ.get("JAX_PROCESS_ID", "0")) == "0":  # one summary line, from rank 0
