@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from minillm import diagnose
 from minillm.checkpoint import load_config
 from minillm.commands._generation import add_sampling_args, load_draft, load_for_generation, sampling_kwargs
 from minillm.tokenizer.stream import special_ids, text_pieces
@@ -29,6 +31,11 @@ def register(sub) -> None:
                         "--run verifies (same output distribution; greedy: the same text)")
     p.add_argument("--draft-k", type=int, default=4, metavar="K",
                    help="tokens the draft proposes per round (default 4)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="after each sample, the entropy (bits) of the model's next-token distribution at "
+                        "every generated token, and a warning naming the span when the output ends in a loop")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object on stdout: the samples' texts (with --diagnose, their diagnosis)")
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -37,11 +44,14 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.num_beams < 1:
         raise ValueError("--num-samples and --num-beams must be >= 1")
     text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    if (args.diagnose or args.json) and (args.stream or args.draft or args.backend != "torch"):
+        raise ValueError("--diagnose and --json work on the torch backend's batched output: no --stream, "
+                         "--draft or --backend jax")
     if load_config(args.run).encoder_layers:  # an encoder-decoder: the prompt is the source it transforms
         return _run_seq2seq(args, text)
     if args.backend == "jax":
         return _run_jax(args, text)
-    from minillm.torch.generate import generate, stream_text
+    from minillm.torch.generate import stream_text
 
     model, tokenizer = load_for_generation(args)
     ids = (tokenizer.encode(text) if text else []) or special_ids(tokenizer, "bos")  # empty: start at bos
@@ -62,12 +72,44 @@ def run(args: argparse.Namespace) -> int:
                 print(piece, end="", flush=True)
             print()
         return 0
+    return _run_batched(args, text, ids, model, tokenizer, kwargs, seeds)
+
+
+def _run_batched(args: argparse.Namespace, text: str, ids: list[int], model, tokenizer, kwargs: dict,
+                 seeds: list[int] | None) -> int:
+    """The samples as one batch (or a beam search each), printed together; with --diagnose each
+    followed by its diagnosis (minillm.diagnose), with --json as one JSON object."""
+    from minillm.torch.generate import generate
+
+    if args.diagnose and len(ids) + args.max_new_tokens > model.config.max_seq_len + 1:
+        raise ValueError(f"--diagnose scores prompt + output in one pass: the prompt's {len(ids)} tokens + "
+                         f"--max-new-tokens {args.max_new_tokens} must fit max_seq_len "
+                         f"{model.config.max_seq_len}")
     outs = generate(model, [ids] * args.num_samples, args.max_new_tokens, seed=seeds, tokenizer=tokenizer,
                     num_beams=args.num_beams, length_penalty=args.length_penalty, **kwargs)
     # Each continuation as the stream shows it: no stop token, cut before the first stop string.
     stops = kwargs["stop_strings"], kwargs["stop_token_ids"]
-    print("\n---------------\n".join(text + "".join(text_pieces(out, tokenizer, *stops)) for out in outs))
+    texts = [text + "".join(text_pieces(out, tokenizer, *stops)) for out in outs]
+    reports = [_diagnose(model, tokenizer, ids, out, stops[1], i, kwargs) if args.diagnose else None
+               for i, out in enumerate(outs)]
+    if args.json:
+        samples = [{"text": t, **({"diagnosis": r} if r else {})} for t, r in zip(texts, reports)]
+        print(json.dumps({"samples": samples}))
+    else:
+        print("\n---------------\n".join(t if r is None else f"{t}\n{diagnose.diagnosis_text(r)}"
+                                           for t, r in zip(texts, reports)))
     return 0
+
+
+def _diagnose(model, tokenizer, ids: list[int], out: list[int], stop_ids: list[int], i: int,
+              kwargs: dict) -> dict:
+    """minillm.diagnose's report of sample i: entropy per generated token (a final stop token
+    left out) of the model's own distribution (temperature 1, no filter), and any loop."""
+    from minillm.torch.introspect import next_token_probs
+
+    output = out[:-1] if out and out[-1] in stop_ids else out
+    probs = next_token_probs(model, ids, output, kwargs.get("vocab_size"))  # (len(output), V)
+    return diagnose.diagnose(probs, output, tokenizer.decode, label=f"sample {i + 1}")
 
 
 def _run_speculative(args: argparse.Namespace, text: str, ids: list[int], model, tokenizer, kwargs: dict,
@@ -114,9 +156,10 @@ def _run_jax(args: argparse.Namespace, text: str) -> int:
 def _run_seq2seq(args: argparse.Namespace, text: str) -> int:
     """An encoder-decoder run (minillm.torch.seq2seq): print the output for the prompt, decoded
     greedily or with --num-beams; sampling options, --stream, --draft and --adapter do not apply."""
-    if args.backend != "torch" or args.adapter or args.draft or args.num_samples != 1:
+    if (args.backend != "torch" or args.adapter or args.draft or args.num_samples != 1 or args.diagnose
+            or args.json):
         raise ValueError(f"{args.run} is an encoder-decoder: --backend torch, one sample, "
-                         f"no --adapter or --draft")
+                         f"no --adapter, --draft, --diagnose or --json")
     from minillm.torch.seq2seq import load_seq2seq
     from minillm.torch.seq2seq_generate import transform_texts
 
