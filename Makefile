@@ -8,7 +8,7 @@ BASE   := $(VENV)/.installed-base
 FULL   := $(VENV)/.installed-full
 DEMO_CONFIG ?= configs/shakespeare-char-cpu.toml
 
-.PHONY: setup lint test test-slow demo finetune-demo bench clean
+.PHONY: setup lint test test-slow demo finetune-demo bench docs clean
 
 # The package and its runtime dependencies: enough for `make demo`.
 $(BASE): pyproject.toml Makefile
@@ -19,16 +19,16 @@ $(BASE): pyproject.toml Makefile
 	touch $@
 
 # Plus the extras the tests compare against: transformers/tokenizers/peft/trl/gguf (hf), jax/optax,
-# the server and its clients (serve), pytest.
+# the server and its clients (serve), mkdocs (docs: the site is built in a test), pytest, jupytext.
 $(FULL): $(BASE)
-	$(PY) -m pip install --quiet -e ".[dev,hf,jax,serve]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,jax,serve,docs]"
 	touch $@
 
 setup: $(FULL)
 
 # Style first (ruff: line length 110, pycodestyle, pyflakes, import order), then the tests.
 lint: $(FULL)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks docs
 
 test: lint
 	$(PY) -m pytest -q
@@ -55,6 +55,13 @@ finetune-demo: $(BASE)
 	$(PY) -m minillm.cli finetune --run $(FT_BASE) --data builtin:shakespeare-tasks --method lora --out runs/tasks-lora
 	$(PY) -m minillm.cli eval --run runs/tasks-lora --tasks builtin:shakespeare-tasks
 	printf 'Last word: So oft as that shall be,\n/exit\n' | $(PY) -m minillm.cli chat --run runs/tasks-lora --temperature 0
+
+# The docs site (mkdocs.yml): every figure drawn by the current code into docs/images/figures/ (the
+# first run trains a small model, ~2 min; later runs reuse runs/figures/), then the pages built in
+# strict mode into site/: a missing figure, a broken link or a code link that does not import fails.
+docs: $(FULL)
+	$(PY) -m minillm.viz.figures
+	$(PY) -m mkdocs build --strict
 
 bench: $(FULL)
 	@echo "benchmarks: see BENCHMARKS.md for each script's command"
