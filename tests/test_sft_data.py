@@ -186,6 +186,17 @@ def test_padding_buckets_lengths(examples) -> None:
     assert waste_bucketed < waste_random / 3
 
 
+def test_padding_drops_random_examples_not_the_longest(tok) -> None:
+    """24 examples in batches of 16: 8 are left out each epoch. They must be random ones, so over a
+    few epochs every example trains, the longest included (they were never seen before the fix)."""
+    few = tokenize(tok, conversations(24, seed=1), block_size=32)
+    batches = SFTBatches(few, block_size=32, batch_size=16, pad_id=0, mode="pad")
+    seen = {r[0] for epoch in range(8) for r in batches.epoch_rows(epoch)}
+    assert seen == set(range(24))
+    longest = set(np.argsort(few.lengths, kind="stable")[-8:].tolist())
+    assert all(len(longest & {r[0] for r in batches.epoch_rows(e)}) < 8 for e in range(8))
+
+
 def test_rejects_what_cannot_batch(examples) -> None:
     with pytest.raises(ValueError, match="block_size"):
         SFTBatches(examples, block_size=8, batch_size=2, pad_id=0)

@@ -166,7 +166,10 @@ def pack_rows(lengths: np.ndarray, order: np.ndarray, row_len: int) -> list[list
 
 def bucket_rows(lengths: np.ndarray, order: np.ndarray, batch_size: int, rng) -> list[list[int]]:
     """One example per row; windows of BUCKET_WINDOW batches sorted by length so that a batch
-    holds similar lengths, then the batches shuffled so that lengths do not come in a trend."""
+    holds similar lengths, then the batches shuffled so that lengths do not come in a trend. The
+    examples that do not fill a last batch are dropped from the shuffled order before sorting, so
+    they are random ones each epoch, never always the longest."""
+    order = order[:len(order) - len(order) % batch_size]
     batches = []
     for start in range(0, len(order) - batch_size + 1, batch_size * BUCKET_WINDOW):
         window = order[start:start + batch_size * BUCKET_WINDOW]
