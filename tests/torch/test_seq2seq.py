@@ -12,7 +12,7 @@ from torch import nn
 from minillm import beam
 from minillm.checkpoint import CheckpointError, canonical_shapes
 from minillm.config import ModelConfig
-from minillm.torch.model import model_params
+from minillm.torch.model import model_params, next_token_loss
 from minillm.torch.seq2seq import Seq2SeqTransformer, seq2seq_from_params
 from minillm.torch.seq2seq_generate import beam_search, greedy, pad_sources
 from tests.torch.conftest import one_line_error
@@ -100,6 +100,41 @@ def test_padding_is_invisible():
         padded = torch.cat([source[:1, :5], torch.randint(3, 20, (1, 4))], dim=1)
         mask = torch.arange(9)[None] < 5
         torch.testing.assert_close(model(padded, target[:1], mask), alone, atol=1e-5, rtol=0)
+
+
+def reversal(generator: torch.Generator, rows: int = 32, length: int = 6):
+    """Random sources (ids 3..19) and their reversal: target_in = bos + answer, target_out = answer + eos."""
+    source = torch.randint(3, 20, (rows, length), generator=generator)
+    answer = source.flip(1)
+    return (source, torch.cat([torch.full((rows, 1), BOS), answer], 1),
+            torch.cat([answer, torch.full((rows, 1), EOS)], 1))
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+def test_the_decoder_reads_the_source(positions):
+    """Issue 17: the sinusoids at amplitude 1 beside GPT-2-initialized embeddings (std 0.02) left the
+    encoder only positions to see, so the decoder learned the answers' language but never the source:
+    trained on reversal, its loss with every source swapped for another's equalled its loss with the
+    right one (2.438 both, here). Now the right sources are worth more than 1 nat per token."""
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(config(positions=positions, n_layers=1, encoder_layers=1))  # the GPT-2 init
+    source = reversal(torch.Generator().manual_seed(5), rows=8)[0]
+    with torch.no_grad():
+        memory = model.encode(source)  # (8, 6, D)
+    spread = memory.std(0).norm(dim=-1) / memory.norm(dim=-1).mean(0)  # (6,) across sources per position
+    assert float(spread.mean()) > 0.3  # was 0.04: every source encoded alike
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        source, target_in, target_out = reversal(generator)
+        loss = next_token_loss(model(source, target_in), target_out)
+        opt.zero_grad(), loss.backward(), opt.step(), warmup.step()
+    source, target_in, target_out = reversal(torch.Generator().manual_seed(9), rows=256)
+    with torch.no_grad():
+        right = float(next_token_loss(model.eval()(source, target_in), target_out))
+        swapped = float(next_token_loss(model(source.roll(1, 0), target_in), target_out))
+    assert swapped - right > 1.0, (right, swapped)
 
 
 def uncached_greedy(model, source: list[int], steps: int) -> list[int]:
@@ -216,7 +251,8 @@ def test_jax_equals_torch(placement):
     from minillm.jax import seq2seq as jax_seq2seq
     from minillm.jax.model import params_from_canonical
 
-    cfg = config(norm_placement=placement, n_kv_heads=2, bias=True, mlp="swiglu", positions="learned")
+    positions = "learned" if placement == "pre" else "sinusoidal"  # both kinds, at SINUSOID_SCALE too
+    cfg = config(norm_placement=placement, n_kv_heads=2, bias=True, mlp="swiglu", positions=positions)
     model = random_model(cfg, std=0.5)
     params = params_from_canonical(model_params(model), cfg)
     source, target, mask = batch()
@@ -277,6 +313,9 @@ mlp = "gelu_exact"
     capsys.readouterr()
     assert cli(["sample", "--run", str(run), "--prompt", "kl mn op", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == "op mn kl"
+    assert cli(["sample", "--run", str(run), "--prompt", "kl mn op"]) == 0  # default 200 > max_seq_len 16
+    out = capsys.readouterr()
+    assert out.out.strip() == "op mn kl" and "capped at the model's max_seq_len=16" in out.err
     assert cli(["eval", "--run", str(run), "--tasks", str(tmp_path / "task"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["total"] == 4 and result["correct"] == 4  # the four lines it was trained on

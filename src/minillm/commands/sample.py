@@ -164,5 +164,9 @@ def _run_seq2seq(args: argparse.Namespace, text: str) -> int:
     from minillm.torch.seq2seq_generate import transform_texts
 
     model, tokenizer = load_seq2seq(args.run)
-    print(transform_texts(model, tokenizer, [text], args.max_new_tokens, args.num_beams)[0])
+    new = min(args.max_new_tokens, model.config.max_seq_len)  # the decoder reads bos + its output
+    if new < args.max_new_tokens:
+        print(f"note: --max-new-tokens {args.max_new_tokens} capped at the model's max_seq_len={new}",
+              file=sys.stderr)
+    print(transform_texts(model, tokenizer, [text], new, args.num_beams)[0])
     return 0

@@ -5,7 +5,8 @@ source (B, S) -> token embedding + positions -> encoder_layers blocks of bidirec
 target (B, T) -> token embedding + positions -> n_layers blocks of causal self-attention,
 cross-attention over memory and MLP -> norm -> lm_head -> logits (B, T, vocab).
 
-Both stacks share the token embedding and the positions (and, tied, the lm_head: the paper's §3.4).
+Both stacks share the token embedding and the positions (and, tied, the lm_head: the paper's §3.4);
+sinusoids enter at the embeddings' scale (SINUSOID_SCALE, below).
 norm_placement "post" is the paper's residual, norm(x + sublayer(x)); "pre" is x + sublayer(norm(x)).
 Like torch.nn.Transformer, each stack ends with a norm (encoder_norm, norm) in either placement, so
 the two take each other's weights. Attention, MLP and norms are minillm.torch.layers'; only
@@ -24,6 +25,14 @@ from minillm.checkpoint import check_params, load_run
 from minillm.config import ModelConfig
 from minillm.torch.layers import Attention, make_mlp, make_norm, sdpa, sinusoidal_table
 from minillm.torch.model import Transformer, _drop_tied_head, _fill_tied_head
+
+# Vaswani et al. add the sinusoids (amplitude 1) to token embeddings multiplied by sqrt(d_model)
+# (§3.4): tokens and positions at about the same scale. Ours start at GPT-2's std 0.02 (which keeps the
+# tied head's first predictions uniform), ~35x below an amplitude-1 table: the encoder's input was then
+# its positions alone, its output the same for every source, and the decoder learned the answers'
+# language but never read a word of the source (issue 17: 0% exact match at val loss 1.56). So the
+# table enters at the embeddings' init std: the paper's balance, GPT-2's start. minillm.jax.seq2seq's twin.
+SINUSOID_SCALE = 0.02
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder block: memory's k, v (B, K, S, hd)
 
@@ -99,8 +108,9 @@ class Seq2SeqTransformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
-        else:  # sinusoidal (config_arch.validate_seq2seq): a fixed table, a buffer
-            self.register_buffer("sin_table", sinusoidal_table(config.max_seq_len, config.d_model), False)
+        else:  # sinusoidal (config_arch.validate_seq2seq): a fixed table, a buffer, at SINUSOID_SCALE
+            table = SINUSOID_SCALE * sinusoidal_table(config.max_seq_len, config.d_model)
+            self.register_buffer("sin_table", table, False)
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.encoder_layers))
         self.encoder_norm = make_norm(config)
