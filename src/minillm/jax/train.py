@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from minillm import checkpoint
-from minillm.config import TrainConfig
+from minillm.config import ModelConfig, TrainConfig
 from minillm.data.loader import BatchLoader
 from minillm.jax import parallel
-from minillm.jax.model import init_params, params_to_canonical
+from minillm.jax.model import forward, init_params, params_to_canonical
+from minillm.jax.moe import expert_usage
 from minillm.jax.optim import make_optimizer
 from minillm.jax.step import TrainState, init_train_state, make_eval_loss, make_train_step
 from minillm.jax.trainer_state import restore_trainer_state, save_trainer_state
@@ -74,6 +75,7 @@ class Trainer:
                   "backend follows max_time too); set max_steps or max_tokens to end the decay",
                   file=sys.stderr)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._usage: jax.Array | None = None  # a mixture of experts' usage for the next train row
         self._snapshot: tuple[int, TrainState] | None = None  # (step, host copy) for save(); see _sync
         if resume:
             self._resume()
@@ -95,6 +97,7 @@ class Trainer:
             self.state = jax.jit(init)(key)  # one program: faster than initialising op by op
             self._step = make_train_step(cfg.model, cfg, self.optimizer, self.dtype)
             self._eval_loss = make_eval_loss(cfg.model, self.dtype)
+            self._expert_usage = make_expert_usage(cfg.model, self.dtype)
             return
         self.shardings = parallel.state_shardings(jax.eval_shape(init, key), self.mesh, cfg.parallel)
         self.state = jax.jit(init, out_shardings=self.shardings)(key)
@@ -102,6 +105,7 @@ class Trainer:
                                                        self.shardings)
         self._eval_loss = parallel.make_parallel_eval_loss(cfg.model, self.mesh, self.shardings.params,
                                                            self.dtype)
+        self._expert_usage = make_expert_usage(cfg.model, self.dtype, parallel.replicated(self.mesh))
 
     def describe(self) -> str:
         name = jnp.dtype(self.dtype).name
@@ -193,6 +197,8 @@ class Trainer:
         """One AdamW update over grad_accum micro-batches; returns (mean loss, grad norm before clipping)."""
         self.rng, key = jax.random.split(self.rng)
         xs, ys = self._batch()
+        if self._expert_usage is not None and row_due(self.cfg, self.step + 1):  # before the step donates
+            self._usage = self._expert_usage(self.state.params, xs[-1])  # the last micro-batch, as torch's
         with _signals_deferred():  # the step donates the old state: a Ctrl-C must not lose the new one
             self.state, metrics = self._step(self.state, xs, ys, key)
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -204,6 +210,15 @@ class Trainer:
             self._sync(self.step + 1)  # the loop checkpoints after this step, without an evaluation
         return loss, grad_norm
 
+    def row_extras(self) -> dict:
+        """What the loop adds to a train row: {"expert_usage": per MoE layer, the fraction of the last
+        micro-batch's tokens routed to each expert} (rows sum to experts_per_token), as the PyTorch
+        trainer logs it; {} without MoE. Measured with the weights before the step, on the whole
+        global micro-batch (torch's: rank 0's rows of it)."""
+        if self._usage is None:
+            return {}
+        return {"expert_usage": [[round(float(v), 4) for v in layer] for layer in np.asarray(self._usage)]}
+
     def evaluate(self) -> float:
         """Mean loss over the same eval_batches validation windows every time (as the PyTorch trainer)."""
         self.val.load_state_dict({"seed": self.val.seed, "step": 0})
@@ -214,6 +229,28 @@ class Trainer:
             losses.append(float(self._eval_loss(self.state.params, x, y)))
         self._sync(self.step)  # a checkpoint follows every evaluation
         return float(np.mean(losses))
+
+
+def row_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether minillm.train_loop logs a train row after `step` (every log_interval, and the first)."""
+    return step % cfg.log_interval == 0 or step == 1
+
+
+def make_expert_usage(config: ModelConfig, dtype, out_sharding=None):
+    """A jitted usage(params, x) -> (layers, n_experts) expert usage of the forward of x (b, T), in the
+    step's compute dtype (minillm.jax.moe.expert_usage); None for a dense model. out_sharding: the
+    result replicated on a mesh, so process 0 can read it."""
+    if config.n_experts <= 1:
+        return None
+
+    def usage(params, x):
+        if dtype != jnp.float32:
+            params = jax.tree.map(lambda p: p.astype(dtype), params)
+        router_logits = []
+        forward(params, config, x, router_logits=router_logits)
+        return expert_usage(router_logits, config)
+
+    return jax.jit(usage, out_shardings=out_sharding)
 
 
 @contextlib.contextmanager
