@@ -2,6 +2,7 @@
 
     python benchmarks/architectures.py [--seconds 60] [--out /tmp/arch-bench]
     python benchmarks/architectures.py --quick          # a smoke test (10 s per run)
+    python benchmarks/architectures.py --extrapolation-only --threads 1   # part 3 alone (4 runs)
 
 1. Decoder-only variants of one small LLaMA-style model (configs/shakespeare-char-cpu.toml with
    context --context, default 128: d_model 128, 4 layers, 4 heads, SwiGLU d_ff 344): the RoPE
@@ -23,7 +24,10 @@
    (`minillm finetune --method full` of a base run trained for 1 step, i.e. from scratch, on the task
    written as JSONL), the same max_time each; exact match of greedy answers on the test split's
    first --limit examples (`minillm eval --tasks --json`).
-Plot: val loss against training time per variant (from metrics.jsonl), --figure.
+3. --extrapolation: length extrapolation (benchmarks/alibi_extrapolation.py): part 1's runs and one
+   with sinusoidal positions, trained at --context T, evaluated at T, 2T and 4T on the val split.
+   --extrapolation-only: that on the baseline, the window and ALiBi alone (no decoding, no part 2).
+Plot: val loss against training time per variant (from metrics.jsonl), --figure (not in part 3 alone).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import alibi_extrapolation
 import torch
 from _common import ROOT, machine, run_measured
 from safetensors import safe_open
@@ -71,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--figure", default=str(ROOT / "benchmarks/figures/architectures.png"))
     p.add_argument("--task-seconds", type=float, help="max_time of the two task runs (default --seconds)")
     p.add_argument("--tasks-only", action="store_true", help="only part 2 (the encoder-decoder's task)")
+    p.add_argument("--extrapolation", action="store_true", help="part 3 too: val loss at 1, 2, 4x --context")
+    p.add_argument("--extrapolation-only", action="store_true", help="part 3 alone (3 variants + sinusoidal)")
+    p.add_argument("--threads", type=int, help="torch threads of every run and eval")
     p.add_argument("--quick", action="store_true", help="10 s runs, 20 examples, figure under --out")
     args = p.parse_args()
     if args.quick:
@@ -94,17 +102,27 @@ def train_variant(args, name: str, overrides: list[str], run: Path) -> dict:
     eval_every = 25 if args.quick else 50
     cli(["train", "--config", BASE_CONFIG, "--quiet", *sets(
         [f"out_dir={run}", f"max_time={args.seconds}", "max_steps=1000000", f"block_size={args.context}",
-         f"model.max_seq_len={args.context}", f"eval_interval={eval_every}", "eval_batches=8", *overrides])],
+         f"model.max_seq_len={args.context}", f"eval_interval={eval_every}", "eval_batches=8",
+         *([f"threads={args.threads}"] if args.threads else []), *overrides])],
         run.with_suffix(".train.log"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # the first includes start-up
-    out = cli(["eval", "--run", str(run), "--data", DATA, "--json", "--max-tokens", str(args.eval_tokens)],
-              run.with_suffix(".eval.log"))
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    out = cli(["eval", "--run", str(run), "--data", DATA, "--json", "--max-tokens", str(args.eval_tokens),
+               *threads], run.with_suffix(".eval.log"))
     trained = max(r.get("tokens", 0) for r in rows)
     total = count_params(run)
     return {"name": name, "val_loss": json.loads(out.splitlines()[-1])["loss"], "tokens": trained,
             "train_tok_s": statistics.median(speeds), "params": total, "active": active_params(run, total),
-            "rows": rows}
+            "rows": rows, "run": run}
+
+
+def part1_variants(args) -> dict[str, list[str]]:
+    """Part 1's variants; with --extrapolation-only the baseline, the window and ALiBi alone."""
+    every = {} if args.tasks_only else variants(args.context)
+    if not args.extrapolation_only:
+        return every
+    return {name: every[name] for name in ("baseline (RoPE)", f"sliding window {args.context // 4}", "ALiBi")}
 
 
 def count_params(run: Path) -> int:
@@ -232,26 +250,40 @@ def table(args, results: list[dict], tasks_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def extrapolation(args, out: Path, results: list[dict]) -> str:
+    """Part 3: the table of alibi_extrapolation.measure on part 1's runs (+ a sinusoidal one)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = alibi_extrapolation.measure([(r["name"], r["run"]) for r in results],
+                                       lambda name, overrides, run: train_variant(args, name, overrides, run),
+                                       out, ROOT / DATA, args.context, args.eval_tokens)
+    return alibi_extrapolation.table(rows, args.context, args.eval_tokens)
+
+
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [f"v{i}" for i in range(len(variants(args.context)))] + ["encdec", "dec-base", "dec-only"]:
-        shutil.rmtree(out / old, ignore_errors=True)  # a run directory left there would be appended to
-    start_machine = machine()
-    results = []
-    for i, (name, overrides) in enumerate({} if args.tasks_only else variants(args.context).items()):
+    old = [f"v{i}" for i in range(len(variants(args.context)))] + ["v-sinusoidal", "encdec", "dec-base"]
+    for name in old + ["dec-only"]:
+        shutil.rmtree(out / name, ignore_errors=True)  # a run directory left there would be appended to
+    start_machine, results, report = machine(), [], ""
+    for i, (name, overrides) in enumerate(part1_variants(args).items()):
         run = out / f"v{i}"
         print(f"{time.strftime('%H:%M:%S')} {name}", flush=True)
         r = train_variant(args, name, overrides, run)
-        r["decode_tok_s"], r["state_bytes"], r["how"] = decode(run, 4 * args.context)
+        if not args.extrapolation_only:
+            r["decode_tok_s"], r["state_bytes"], r["how"] = decode(run, 4 * args.context)
         results.append(r)
-    if results:
-        plot(results, args.figure, args.seconds)
-    print(f"{time.strftime('%H:%M:%S')} seq2seq", flush=True)
-    tasks_rows = seq2seq(args, out)
-    report = (f"{table(args, results, tasks_rows)}\n\nstart: {start_machine}\nend: {machine()}\n"
-              f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}\n")
+    if not args.extrapolation_only:
+        if results:
+            plot(results, args.figure, args.seconds)
+        print(f"{time.strftime('%H:%M:%S')} seq2seq", flush=True)
+        report = table(args, results, seq2seq(args, out)) + "\n\n"
+    if args.extrapolation or args.extrapolation_only:
+        report += extrapolation(args, out, results) + "\n\n"
+    report += (f"start: {start_machine}\nend: {machine()}\n"
+               f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}\n")
     (out / "architectures.md").write_text(report)
     print(report)
 

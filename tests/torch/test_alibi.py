@@ -2,6 +2,7 @@
 with it against float64 references, cached decoding, and length extrapolation: a model trained at
 length T runs at 2T with a finite loss, where learned positions cannot run at all."""
 
+import dataclasses
 import math
 
 import pytest
@@ -102,6 +103,21 @@ def test_length_extrapolation_a_model_trained_at_t_runs_at_2t():
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         learned(x[:, :2 * T])
 
+
+
+@pytest.mark.parametrize("positions", ["alibi", "rope", "sinusoidal"])
+def test_a_longer_max_seq_len_changes_nothing_within_the_trained_one(positions):
+    """How benchmarks/alibi_extrapolation.py evaluates past max_seq_len T: the weights loaded into the
+    config with max_seq_len 4T. For ALiBi max_seq_len holds nothing (the same logits at any length);
+    RoPE's and the sinusoids' longer tables agree with the trained ones on positions < T."""
+    model = make_model("gpt2", positions=positions, max_seq_len=16)
+    longer = Transformer(dataclasses.replace(model.config, max_seq_len=64)).eval()
+    longer.load_state_dict(model.state_dict())
+    x = torch.tensor([random_prompt(32)])
+    with torch.no_grad():
+        assert torch.equal(longer(x[:, :16]), model(x[:, :16]))
+        if positions == "alibi":  # past T too: the bias is a function of the distance alone
+            assert torch.equal(longer(x), model(x))
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_the_packed_decoder_equals_the_model(n_kv_heads):
