@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from minillm.config import ModelConfig
+from minillm.config import SINUSOID_SCALE, ModelConfig
 from minillm.torch.alibi import alibi_bias, alibi_slopes
 from minillm.torch.layers import apply_rope, rope_tables, sinusoidal_table
 from minillm.torch.model import Transformer
@@ -65,6 +65,11 @@ print("embedding of token 3, first 4 of 16 numbers:", model.tok_emb.weight[3, :4
 # Position `p` gets, in dimensions `2i` and `2i+1`, `sin(p / 10000^(2i/D))` and
 # `cos(p / 10000^(2i/D))`: a clock with `D/2` hands turning at geometrically spaced speeds. Fast
 # hands tell neighbours apart, slow hands tell the beginning from the end.
+#
+# The table's values reach 1, while the token embeddings start near 0.02 (GPT-2's init). Added as
+# they are, the positions would drown the tokens, so the model adds the table times
+# `SINUSOID_SCALE` = 0.02 (`src/minillm/config.py` says why; the paper instead multiplies the
+# embeddings by `sqrt(D)` to put both at one scale).
 
 # %%
 D, T = config.d_model, config.max_seq_len
@@ -76,9 +81,10 @@ for p in range(T):
         table[p, 2 * i + 1] = math.cos(angle)
 
 assert_close(table.float(), sinusoidal_table(T, D))
-assert_close(table.float(), model.sin_table)  # the model holds it as a fixed buffer, not a parameter
-# The model's first step: token embeddings plus the rows of the table for positions 0..T-1.
-assert_close(model.embed(tokens, None), model.tok_emb(tokens) + table[: tokens.size(1)].float())
+scaled = SINUSOID_SCALE * table.float()
+assert_close(scaled, model.sin_table)  # the model holds it as a fixed buffer, not a parameter
+# The model's first step: token embeddings plus the scaled rows for positions 0..T-1.
+assert_close(model.embed(tokens, None), model.tok_emb(tokens) + scaled[: tokens.size(1)])
 print("sinusoidal table matches; position 1, first 6 dims:", table[1, :6].numpy().round(3))
 
 # %% [markdown]

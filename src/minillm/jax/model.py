@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minillm import checkpoint
-from minillm.config import ModelConfig
+from minillm.config import SINUSOID_SCALE, ModelConfig
 from minillm.jax.layers import Params, block, dropout, norm, rope_tables, sinusoidal_table
 from minillm.jax.masks import attention_mask
 from minillm.jax.moe import mlp_fn
@@ -64,7 +64,8 @@ def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax
     if config.positions == "learned":
         x = x + params["pos_emb.weight"][positions]
     elif config.positions == "sinusoidal":
-        x = x + sinusoidal_table(config.max_seq_len, config.d_model)[positions].astype(x.dtype)
+        table = SINUSOID_SCALE * sinusoidal_table(config.max_seq_len, config.d_model)  # (max_seq_len, D)
+        x = x + table[positions].astype(x.dtype)
     return x
 
 

@@ -18,21 +18,10 @@ import numpy as np
 from minillm import beam
 from minillm.config import ModelConfig
 from minillm.jax.kv_cache import make_cache, reorder
-from minillm.jax.layers import Params, attention, attention_math, linear, mlp, norm, sinusoidal_table
-from minillm.jax.model import embed as decoder_only_embed
-from minillm.jax.model import lm_head
+from minillm.jax.layers import Params, attention, attention_math, linear, mlp, norm
+from minillm.jax.model import embed, lm_head
 
 CrossKV = list[tuple[jax.Array, jax.Array]]  # per decoder block: memory's k, v (B, K, S, hd)
-SINUSOID_SCALE = 0.02  # minillm.torch.seq2seq's (the sinusoids at the embeddings' init std: why, there)
-
-
-def embed(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """(B, T) ids -> (B, T, D): minillm.jax.model.embed, with the sinusoids scaled by SINUSOID_SCALE."""
-    if config.positions != "sinusoidal":
-        return decoder_only_embed(params, config, tokens, positions)
-    x = params["tok_emb.weight"][tokens]  # (B, T, D)
-    table = SINUSOID_SCALE * sinusoidal_table(config.max_seq_len, config.d_model)  # (max_seq_len, D)
-    return x + table[positions].astype(x.dtype)
 
 
 def memory_kv(params: Params, prefix: str, config: ModelConfig, memory: jax.Array) -> tuple[jax.Array, ...]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.checkpoint import check_params, load_run
-from minillm.config import ModelConfig
+from minillm.config import SINUSOID_SCALE, ModelConfig
 from minillm.torch.layers import Block, make_norm, rope_tables, sinusoidal_table
 from minillm.torch.masks import attention_mask
 from minillm.torch.moe import idle_parameters, make_moe
@@ -32,7 +32,7 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         if config.positions == "sinusoidal":  # fixed tables are buffers, not parameters
-            table = sinusoidal_table(config.max_seq_len, config.d_model)
+            table = SINUSOID_SCALE * sinusoidal_table(config.max_seq_len, config.d_model)
             self.register_buffer("sin_table", table, persistent=False)
         if config.positions == "rope":
             cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)

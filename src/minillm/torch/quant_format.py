@@ -19,7 +19,7 @@ import torch
 
 from minillm import checkpoint
 from minillm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, CheckpointError, load_tensors, save_tensors
-from minillm.config import ModelConfig
+from minillm.config import SINUSOID_SCALE, ModelConfig
 from minillm.files import atomic_write_json, read_json
 from minillm.tokenizer import load_tokenizer
 from minillm.torch.layers import rope_tables, sinusoidal_table
@@ -130,7 +130,7 @@ def _restore_tables(model: Transformer, config: ModelConfig) -> None:
     if config.positions == "rope":
         model.rope_cos, model.rope_sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
     if config.positions == "sinusoidal":
-        model.sin_table = sinusoidal_table(config.max_seq_len, config.d_model)
+        model.sin_table = SINUSOID_SCALE * sinusoidal_table(config.max_seq_len, config.d_model)
 
 
 def _tokenizer(run_dir: Path):

@@ -6,7 +6,7 @@ target (B, T) -> token embedding + positions -> n_layers blocks of causal self-a
 cross-attention over memory and MLP -> norm -> lm_head -> logits (B, T, vocab).
 
 Both stacks share the token embedding and the positions (and, tied, the lm_head: the paper's §3.4);
-sinusoids enter at the embeddings' scale (SINUSOID_SCALE, below).
+sinusoids enter at the embeddings' scale (minillm.config.SINUSOID_SCALE: why, there).
 norm_placement "post" is the paper's residual, norm(x + sublayer(x)); "pre" is x + sublayer(norm(x)).
 Like torch.nn.Transformer, each stack ends with a norm (encoder_norm, norm) in either placement, so
 the two take each other's weights. Attention, MLP and norms are minillm.torch.layers'; only
@@ -22,17 +22,9 @@ import torch
 from torch import nn
 
 from minillm.checkpoint import check_params, load_run
-from minillm.config import ModelConfig
+from minillm.config import SINUSOID_SCALE, ModelConfig
 from minillm.torch.layers import Attention, make_mlp, make_norm, sdpa, sinusoidal_table
 from minillm.torch.model import Transformer, _drop_tied_head, _fill_tied_head
-
-# Vaswani et al. add the sinusoids (amplitude 1) to token embeddings multiplied by sqrt(d_model)
-# (§3.4): tokens and positions at about the same scale. Ours start at GPT-2's std 0.02 (which keeps the
-# tied head's first predictions uniform), ~35x below an amplitude-1 table: the encoder's input was then
-# its positions alone, its output the same for every source, and the decoder learned the answers'
-# language but never read a word of the source (issue 17: 0% exact match at val loss 1.56). So the
-# table enters at the embeddings' init std: the paper's balance, GPT-2's start. minillm.jax.seq2seq's twin.
-SINUSOID_SCALE = 0.02
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder block: memory's k, v (B, K, S, hd)
 
