@@ -16,11 +16,8 @@ from minillm.data.loader import read_meta
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
-# positions = "sinusoidal" adds the fixed table (amplitude 1) times this: the embeddings' init std.
-# Vaswani et al. keep tokens and positions at one scale (embeddings times sqrt(d_model), §3.4); ours
-# start at GPT-2's std 0.02, so the table comes down to them instead. At amplitude 1 the positions
-# drowned the tokens: an encoder-decoder never read its source (issue 17), a decoder-only model
-# trained at 128 tokens stalled at val loss 2.8 where RoPE reached 1.8 (BENCHMARKS.md, Architectures).
+# "sinusoidal" adds the table times the embeddings' init std: tokens and positions at one scale, as
+# Vaswani et al. §3.4 (at amplitude 1 positions drowned tokens: BENCHMARKS.md, Architectures).
 SINUSOID_SCALE = 0.02
 MLPS = ("gelu", "gelu_exact", "swiglu")
 
@@ -169,11 +166,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global norm; 0 turns clipping off
-    # optimizer: "adamw" for every parameter, or "muon" (Jordan et al. 2024; minillm.torch.muon) for
-    # the 2-D matrices inside the blocks with AdamW (the settings above) for the rest. Muon's peak lr
-    # is its own: the schedule scales it as it scales lr (Muon's lr at step s = lr_at(s) / lr * muon_lr).
-    # Defaults: modded-nanogpt's Muon record and KellerJordan/Muon (lr 0.02, Nesterov momentum 0.95,
-    # no weight decay). PyTorch backend only.
+    # optimizer: "adamw", or "muon" (Jordan et al. 2024; minillm.torch.muon) for the blocks' 2-D
+    # matrices with AdamW for the rest. The schedule scales muon_lr as it scales lr. Defaults: the
+    # Muon record's (lr 0.02, Nesterov momentum 0.95, no weight decay). PyTorch backend only.
     optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
@@ -192,8 +187,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bf16 autocast where supported, fp16 + GradScaler where not, else fp32
     compile: bool = False
     threads: int | None = None  # torch CPU threads; None leaves torch's default
-    # scale-out under torchrun / jax.distributed: "ddp" replicates the model on every rank, "fsdp"
-    # shards parameters, gradients and optimizer state (FSDP2 per block); one process ignores it.
+    # torchrun / jax.distributed: "ddp" replicates the model on every rank, "fsdp" shards weights,
+    # gradients and optimizer state (FSDP2 per block); one process ignores it.
     parallel: str = "ddp"
     activation_checkpointing: bool = False  # recompute each block's activations in backward
 
