@@ -166,9 +166,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # global norm; 0 turns clipping off
-    # optimizer: "adamw", or "muon" (Jordan et al. 2024; minillm.torch.muon) for the blocks' 2-D
-    # matrices with AdamW for the rest. The schedule scales muon_lr as it scales lr. Defaults: the
-    # Muon record's (lr 0.02, Nesterov momentum 0.95, no weight decay). PyTorch backend only.
+    # "muon" (Jordan et al. 2024): Muon for the blocks' 2-D matrices, AdamW for the rest; the schedule
+    # scales muon_lr as it scales lr. Defaults of the Muon record. PyTorch backend only.
     optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
