@@ -67,3 +67,33 @@ def test_uniform_model_has_perplexity_vocab() -> None:
 def test_too_few_tokens_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(Uniform(5), np.array([1], dtype=np.uint16), block_size=4)
+
+
+@pytest.mark.parametrize("positions", ["rope", "sinusoidal", "alibi"])
+def test_extend_context_equals_a_model_built_for_the_longer_context(positions) -> None:
+    """Past max_seq_len (length extrapolation): the same weights in a model made at the longer
+    max_seq_len give the same logits; within the trained length nothing changes."""
+    import dataclasses
+
+    from minillm.torch.evaluate import extend_context
+    from minillm.torch.model import Transformer
+
+    model = make_model("llama-gqa", positions=positions, max_seq_len=16)
+    longer = Transformer(dataclasses.replace(model.config, max_seq_len=40)).eval()
+    longer.load_state_dict(model.state_dict())
+    x = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        short = model(x[:, :16])
+        extended = extend_context(model, 40)
+        torch.testing.assert_close(extended(x[:, :16]), short)
+        torch.testing.assert_close(extended(x), longer(x))
+    assert extended.config.max_seq_len == 40
+
+
+def test_extend_context_refuses_learned_positions() -> None:
+    from minillm.torch.evaluate import extend_context
+
+    model = make_model("gpt2", max_seq_len=16)
+    with pytest.raises(ValueError, match="learned positions have no rows past max_seq_len 16"):
+        extend_context(model, 32)
+    assert extend_context(model, 16) is model

@@ -35,7 +35,9 @@ def register(sub) -> None:
                    help="--tasks: put K solved train examples before each question (for a base model)")
     p.add_argument("--limit", type=int, help="--tasks: score only the first N examples")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--block-size", type=int, help="context per window (default: the model's max_seq_len)")
+    p.add_argument("--block-size", type=int,
+                   help="context per window (default: the model's max_seq_len; longer measures length "
+                        "extrapolation, except with learned positions)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="windows per forward pass, or questions decoded together (default 8)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all)")
@@ -100,15 +102,16 @@ def _seq2seq_tasks(args: argparse.Namespace) -> dict:
 
 
 def _perplexity(args: argparse.Namespace, model) -> dict:
-    from minillm.torch.evaluate import perplexity
+    from minillm.torch.evaluate import extend_context, perplexity
 
     path = Path(args.data)
     if path.is_dir():
         path = path / f"{args.split or 'val'}.bin"
     tokens = read_tokens(path)
     block_size = args.block_size or model.config.max_seq_len
-    if not 1 <= block_size <= model.config.max_seq_len:
-        raise ValueError(f"--block-size must be in [1, {model.config.max_seq_len}] (the model's max_seq_len)")
+    if block_size < 1:
+        raise ValueError(f"--block-size must be >= 1, got {block_size}")
+    model = extend_context(model, block_size)  # past max_seq_len: length extrapolation
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     if args.max_tokens:

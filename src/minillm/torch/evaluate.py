@@ -6,17 +6,20 @@ once, from up to block_size tokens; loss is the mean next-token cross-entropy in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minillm.config import SINUSOID_SCALE
 from minillm.data.loader import eval_batches
 from minillm.data.tasks import few_shot_messages
 from minillm.tokenizer import chat
 from minillm.tokenizer.stream import text_pieces
 from minillm.torch.generate import generate
+from minillm.torch.layers import rope_tables, sinusoidal_table
 
 
 def perplexity(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 8) -> dict:
@@ -55,3 +58,21 @@ def answer_tasks(model: torch.nn.Module, tokenizer, examples: list[dict], train:
         for i, out in zip(rows, outs):
             answers[i] = "".join(text_pieces(out, tokenizer, *stops))
     return answers
+
+
+def extend_context(model, length: int):
+    """The model over a longer context than it was trained on (to measure length extrapolation):
+    the RoPE or sinusoid tables recomputed for `length` positions by the same formula, in place;
+    ALiBi and no positions need nothing. Learned positions have no rows past max_seq_len."""
+    c = model.config
+    if length <= c.max_seq_len:
+        return model
+    if c.positions == "learned":
+        raise ValueError(f"context {length}: learned positions have no rows past max_seq_len {c.max_seq_len}")
+    if c.positions == "rope":
+        cos, sin = rope_tables(length, c.head_dim, c.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(model.rope_cos), sin.to(model.rope_sin)
+    if c.positions == "sinusoidal":
+        model.sin_table = (SINUSOID_SCALE * sinusoidal_table(length, c.d_model)).to(model.sin_table)
+    model.config = dataclasses.replace(c, max_seq_len=length)
+    return model
