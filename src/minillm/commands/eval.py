@@ -108,7 +108,7 @@ def _perplexity(args: argparse.Namespace, model) -> dict:
     if path.is_dir():
         path = path / f"{args.split or 'val'}.bin"
     tokens = read_tokens(path)
-    block_size = args.block_size or model.config.max_seq_len
+    block_size = model.config.max_seq_len if args.block_size is None else args.block_size
     if block_size < 1:
         raise ValueError(f"--block-size must be >= 1, got {block_size}")
     model = extend_context(model, block_size)  # past max_seq_len: length extrapolation
