@@ -100,6 +100,11 @@ def train(trainer: Trainer) -> dict:
         signal.signal(signal.SIGTERM, old)
 
 
+def row_due(cfg, step: int) -> bool:
+    """Whether the loop logs a train row after `step`: every log_interval steps, and the first."""
+    return step % cfg.log_interval == 0 or step == 1
+
+
 def checkpoint_due(cfg, step: int) -> bool:
     """Whether the loop checkpoints after `step` without evaluating first (it also checkpoints after
     every evaluation). Trainers whose save needs every rank (FSDP, sharded JAX) gather at these
@@ -128,7 +133,7 @@ def run_loop(t: Trainer) -> dict:
             t.step, t.tokens = t.step + 1, t.tokens + cfg.batch_size * cfg.block_size  # global batch
             losses.append(loss)
             # --- a train row every log_interval steps (and after the first) ---
-            if t.step % cfg.log_interval == 0 or t.step == 1:
+            if row_due(cfg, t.step):
                 _log_train(t, bar, clock, loss, grad_norm)
             bar.update(1)
             # --- eval and best (it checkpoints too), or a checkpoint alone ---

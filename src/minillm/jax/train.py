@@ -32,7 +32,7 @@ from minillm.jax.moe import expert_usage
 from minillm.jax.optim import make_optimizer
 from minillm.jax.step import TrainState, init_train_state, make_eval_loss, make_train_step
 from minillm.jax.trainer_state import restore_trainer_state, save_trainer_state
-from minillm.train_loop import NonFiniteLoss, checkpoint_due
+from minillm.train_loop import NonFiniteLoss, checkpoint_due, row_due
 from minillm.viz.metrics import MetricsLog
 
 
@@ -229,11 +229,6 @@ class Trainer:
             losses.append(float(self._eval_loss(self.state.params, x, y)))
         self._sync(self.step)  # a checkpoint follows every evaluation
         return float(np.mean(losses))
-
-
-def row_due(cfg: TrainConfig, step: int) -> bool:
-    """Whether minillm.train_loop logs a train row after `step` (every log_interval, and the first)."""
-    return step % cfg.log_interval == 0 or step == 1
 
 
 def make_expert_usage(config: ModelConfig, dtype, out_sharding=None):
