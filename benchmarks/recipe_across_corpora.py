@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_across_corpora.py --nanogpt /path/to/nanoGPT [--rounds 1]
         [--corpora shakespeare django-docs django-code] [--fractions 0.25 0.35 0.5]
-        [--set KEY=VALUE ...] [--nanogpt-cache FILE.json]
+        [--variant '' --variant 'optimizer="muon"'] [--set KEY=VALUE ...] [--nanogpt-cache FILE.json]
 
 For each corpus (minillm.data.corpora: dialogue, technical prose, code), prepared at character
 level into data/<corpus>-char if missing: nanoGPT's README CPU recipe (2,000 iterations) gives a
@@ -53,26 +53,30 @@ def one_corpus(args, corpus: str, tmp: Path) -> dict:
             args.nanogpt_cache.write_text(json.dumps(cache))
         ours = {}
         for f in args.fractions:
-            run = run_ours(RECIPE, tmp / f"{corpus}-ours{r}-{f}", f'data_dir="{data}"', "max_steps=1000000",
-                           f"max_time={f * ng['train_s']:.1f}", "eval_interval=1000000", "eval_batches=50",
-                           *args.set)
-            ours[f] = run["final_val"]
-            print(f"{corpus} round {r}: nanoGPT val {ng['final_val']:.4f} in {ng['train_s']:.1f} s "
-                  f"({ng['tokens_per_s']:,.0f} tok/s); ours at {f:.2f}x ({f * ng['train_s']:.1f} s): "
-                  f"val {run['final_val']:.4f} ({run['tokens_per_s']:,.0f} tok/s)", flush=True)
+            for v, variant in enumerate(args.variant or [""]):
+                sets = [x for x in variant.split(";") if x] + args.set
+                run = run_ours(RECIPE, tmp / f"{corpus}-ours{r}-{f}-{v}", f'data_dir="{data}"',
+                               "max_steps=1000000", f"max_time={f * ng['train_s']:.1f}",
+                               "eval_interval=1000000", "eval_batches=50", *sets)
+                ours[(variant, f)] = run["final_val"]
+                print(f"{corpus} round {r}: nanoGPT val {ng['final_val']:.4f} in {ng['train_s']:.1f} s "
+                      f"({ng['tokens_per_s']:,.0f} tok/s); ours{' ' + variant if variant else ''} at "
+                      f"{f:.2f}x ({f * ng['train_s']:.1f} s): val {run['final_val']:.4f} "
+                      f"({run['tokens_per_s']:,.0f} tok/s)", flush=True)
         rows.append(dict(target=ng["final_val"], nanogpt_s=ng["train_s"], ours=ours))
     return dict(corpus=corpus, rows=rows)
 
 
-def report(result: dict, fractions: list[float]) -> str:
+def report(result: dict, fractions: list[float], variant: str) -> str:
     rows = result["rows"]
     target = statistics.median(r["target"] for r in rows)
     ng_s = statistics.median(r["nanogpt_s"] for r in rows)
-    finals = {f: statistics.median(r["ours"][f] for r in rows) for f in fractions}
+    finals = {f: statistics.median(r["ours"][(variant, f)] for r in rows) for f in fractions}
     reached = [f for f in fractions if finals[f] <= target]
     cells = " | ".join(f"{finals[f]:.4f}" for f in fractions)
     best = f"**{min(reached):.2f}x**" if reached else f"not within {max(fractions):.2f}x"
-    return f"| {result['corpus']} | {target:.4f} | {ng_s:.1f} s | {cells} | {best} |"
+    ours = variant or "the recipe"
+    return f"| {result['corpus']} | {ours} | {target:.4f} | {ng_s:.1f} s | {cells} | {best} |"
 
 
 def main() -> None:
@@ -82,15 +86,19 @@ def main() -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.35, 0.5])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a change to our recipe")
+    ap.add_argument("--variant", action="append", metavar="K=V;K=V",
+                    help="also run the recipe with these changes ('' = as is; repeatable), e.g. "
+                         "--variant '' --variant 'optimizer=\"muon\"'")
     ap.add_argument("--nanogpt-cache", type=Path, help="reuse nanoGPT's results from this JSON file")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-corpora-"))
     results = [one_corpus(args, corpus, tmp) for corpus in args.corpora]
     head = " | ".join(f"ours val at {f:.2f}x" for f in args.fractions)
-    print(f"\n| corpus | nanoGPT final val | nanoGPT train time | {head} | time to nanoGPT's loss |")
-    print("|---|---:|---:|" + "---:|" * len(args.fractions) + "---|")
+    print(f"\n| corpus | ours | nanoGPT final val | nanoGPT train time | {head} | time to nanoGPT's loss |")
+    print("|---|---|---:|---:|" + "---:|" * len(args.fractions) + "---|")
     for result in results:
-        print(report(result, args.fractions))
+        for variant in args.variant or [""]:
+            print(report(result, args.fractions, variant))
 
 
 if __name__ == "__main__":
