@@ -67,14 +67,12 @@ def attention_maps(model: Transformer, ids: list[int]) -> np.ndarray:
 
 
 @torch.no_grad()
-def lens_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
-    """(L + 1, T, V) logits of the logit lens: row 0 reads the embeddings (token + position), row
-    l + 1 the residual stream after block l, each through the final norm and lm_head; the last row
-    equals model(ids)."""
-    check_inspectable(model.config, "the logit lens")
+def residual_stream(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """(L + 1, T, D): the residual stream after the embeddings (token + position) and after each
+    block, caught by forward hooks while Transformer.hidden runs (the model's own loop)."""
     model.eval()
-    stream: list[torch.Tensor] = []  # the residual stream (1, T, D) after the embeddings and each block
-    keep = lambda module, inputs, output: stream.append(output)  # noqa: E731
+    stream: list[torch.Tensor] = []
+    keep = lambda module, inputs, output: stream.append(output[0])  # noqa: E731
     hooks = [model.drop.register_forward_hook(keep)]  # model.drop's output is the embedded input
     hooks += [block.register_forward_hook(keep) for block in model.blocks]
     try:
@@ -82,7 +80,16 @@ def lens_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.cat([model.lm_head(model.norm(x)) for x in stream]).float()  # (L + 1, T, V)
+    return torch.stack(stream)
+
+
+@torch.no_grad()
+def lens_logits(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """(L + 1, T, V) logits of the logit lens: row 0 reads the embeddings (token + position), row
+    l + 1 the residual stream after block l, each through the final norm and lm_head; the last row
+    equals model(ids)."""
+    check_inspectable(model.config, "the logit lens")
+    return model.lm_head(model.norm(residual_stream(model, ids))).float()  # (L + 1, T, V)
 
 
 def lens_rows(model: Transformer) -> list[str]:

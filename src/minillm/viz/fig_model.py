@@ -16,6 +16,7 @@ import torch
 from minillm.checkpoint import load_run
 from minillm.data import sft
 from minillm.torch.generate import generate
+from minillm.torch.introspect import residual_stream
 from minillm.torch.model import load_model, model_from_params
 from minillm.viz.metrics import MetricsLog
 
@@ -75,21 +76,12 @@ def draw_loss_curves(ctx) -> Path:
 
 
 # --- residual-norms.png ---------------------------------------------------------------------------
-@torch.inference_mode()
 def residual_streams(run: Path, text: str = PROMPT) -> tuple[list[str], torch.Tensor]:
-    """The residual stream x of a prompt after the embedding and after each block, read by hooks on
-    the model's blocks during Transformer.hidden: (token labels, x (n_layers + 1, T, D))."""
+    """The residual stream x of a prompt after the embedding and after each block
+    (minillm.torch.introspect.residual_stream): (token labels, x (n_layers + 1, T, D))."""
     model, tokenizer = load_model(run)
     ids = tokenizer.encode(text)[:model.config.max_seq_len]
-    streams: list[torch.Tensor] = []
-    hooks = [model.blocks[0].register_forward_pre_hook(lambda block, args: streams.append(args[0][0]))]
-    hooks += [b.register_forward_hook(lambda block, args, out: streams.append(out[0])) for b in model.blocks]
-    try:
-        model.hidden(torch.tensor([ids]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [token_label(tokenizer.decode([i])) for i in ids], torch.stack(streams)
+    return [token_label(tokenizer.decode([i])) for i in ids], residual_stream(model, ids)
 
 
 def draw_residual_norms(ctx) -> Path:
