@@ -17,27 +17,26 @@ a model that extrapolates gets a lower loss there, one that does not gets a high
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
 
 from minillm.checkpoint import load_run
 from minillm.data.loader import read_tokens
-from minillm.torch.evaluate import perplexity
-from minillm.torch.model import Transformer, model_from_params
+from minillm.torch.evaluate import extend_context, perplexity
+from minillm.torch.model import Transformer, load_model
 
 FACTORS = (1, 2, 4)  # evaluated at T, 2T, 4T
 SINUSOIDAL = ("sinusoidal", ["model.positions=sinusoidal"])
 
 
 def extended_model(run: Path, length: int) -> Transformer | None:
-    """The run's model with max_seq_len = length (tables of RoPE and sinusoids recomputed for it);
-    None for learned positions asked past the trained length."""
-    config, _, params = load_run(run)
-    if config.positions == "learned" and length > config.max_seq_len:
+    """The run's model over `length` tokens (minillm.torch.evaluate.extend_context, what `minillm eval
+    --block-size` uses); None for learned positions asked past the trained length."""
+    model = load_model(run)[0]
+    if model.config.positions == "learned" and length > model.config.max_seq_len:
         return None
-    return model_from_params(dataclasses.replace(config, max_seq_len=length), params).eval()
+    return extend_context(model, length)
 
 
 def how_it_extends(run: Path) -> str:
