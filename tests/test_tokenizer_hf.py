@@ -11,7 +11,7 @@ from minillm.data.sources import shakespeare_files
 from minillm.tokenizer import load_tokenizer
 from minillm.tokenizer.bpe import GPT2_SPLIT_PATTERN, BPETokenizer
 from minillm.tokenizer.char import CharTokenizer
-from minillm.tokenizer.hf import bpe_from_hf, bpe_to_hf, char_to_hf
+from minillm.tokenizer.hf import bpe_from_hf, bpe_to_hf, char_to_hf, roles_from_hf
 from tests.conftest import random_unicode, unicode_text
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -113,3 +113,84 @@ def test_plain_dicts_in_and_out(tmp_path) -> None:
     assert char["model"]["vocab"] == {"a": 0, "b": 1, "<|unk|>": 2, "<|eos|>": 3}
     with pytest.raises(ValueError, match="merge 0 does not create id 256"):
         bpe_from_hf({**data, "model": {**data["model"], "merges": [["b", "c"]]}}, source="x.json")
+
+
+# --- roles: which of an imported tokenizer's special tokens is bos / eos / pad ---------------------
+HF_DATA = {"model": {"vocab": {"a": 0, "b": 1}},  # a tokenizer.json: two ordinary tokens, two added ones
+           "added_tokens": [{"id": 2, "content": "<|endoftext|>"}, {"id": 3, "content": "<|im_end|>"}]}
+
+
+def test_roles_come_from_token_names_then_from_ids() -> None:
+    names = ("tokenizer_config.json", {"eos_token": {"content": "<|im_end|>", "__type": "AddedToken"},
+                                       "bos_token": None, "pad_token": "<|endoftext|>"})
+    generation = ("generation_config.json", {"eos_token_id": [3, 2], "bos_token_id": 2, "pad_token_id": 3})
+    config = ("config.json", {"eos_token_id": 50256, "bos_token_id": 50256})  # GPT2Config's defaults: absent
+    # by name first; bos has none, so its id; eos: the named token, then every listed id
+    assert roles_from_hf(HF_DATA, [names], [generation, config]) == \
+        {"bos": ["<|endoftext|>"], "eos": ["<|im_end|>", "<|endoftext|>"], "pad": ["<|endoftext|>"]}
+    assert roles_from_hf(HF_DATA, [], [config]) == {}
+    legacy = ("special_tokens_map.json", {"eos_token": "<|endoftext|>"})
+    assert roles_from_hf(HF_DATA, [("tokenizer_config.json", {}), legacy], []) == {"eos": ["<|endoftext|>"]}
+
+
+ROLE_SOURCE_ERRORS = {
+    "ordinary token by name": (([("tokenizer_config.json", {"eos_token": "a"})], []),
+                               "tokenizer_config.json: eos_token names 'a', which is not an added (special)"),
+    "ordinary token by id": (([], [("config.json", {"bos_token_id": 1})]),
+                             "config.json: bos_token_id 1 names 'b'"),
+    "name of another type": (([("tokenizer_config.json", {"pad_token": 7})], []),
+                             "tokenizer_config.json: pad_token must be a token string"),
+    "id of another type": (([], [("config.json", {"eos_token_id": "2"})]),
+                           "config.json: eos_token_id must be a token id or a list of ids"),
+}
+
+
+@pytest.mark.parametrize("case", ROLE_SOURCE_ERRORS)
+def test_what_a_role_cannot_name_is_an_error_naming_file_and_field(case) -> None:
+    (token_files, id_files), needle = ROLE_SOURCE_ERRORS[case]
+    with pytest.raises(ValueError) as error:
+        roles_from_hf(HF_DATA, token_files, id_files)
+    assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def imported_style() -> BPETokenizer:
+    return BPETokenizer.from_dict({"pattern": GPT2_SPLIT_PATTERN, "merges": [],
+                                   "special_tokens": {"<|endoftext|>": 256, "</s>": 257}})
+
+
+def test_a_role_map_is_saved_loaded_and_consulted(tmp_path) -> None:
+    tok = imported_style()
+    tok.set_roles({"eos": ["</s>", "<|endoftext|>"], "bos": "<|endoftext|>"})
+    tok.save(tmp_path / "tokenizer.json")
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved["roles"] == {"eos": ["</s>", "<|endoftext|>"], "bos": "<|endoftext|>"}
+    back = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (back.special_id("eos"), back.eos_id, back.role_ids("eos")) == (257, 257, [257, 256])
+    assert (back.special_id("bos"), back.role_ids("pad"), back.special_token("pad")) == (256, [], None)
+    assert back.encode("x</s>", allowed_special=["eos"]) == [ord("x"), 257]
+    with pytest.raises(KeyError, match="unknown special token 'pad'"):
+        back.special_id("pad")
+    # Our own tokenizers have no map: special_id is SPECIAL_TOKENS', and the file has no "roles".
+    own = CharTokenizer().train("hello")
+    own.save(tmp_path / "own.json")
+    assert "roles" not in json.loads((tmp_path / "own.json").read_text())
+    assert load_tokenizer(tmp_path / "own.json").role_ids("eos") == [own.special_tokens["<|eos|>"]]
+
+
+ROLE_MAP_ERRORS = {
+    "not a special token": ({"eos": "</x>"}, "role 'eos' names '</x>', which is not a special token"),
+    "unknown role": ({"user": "</s>"}, "unknown role 'user'; roles are bos, eos, pad"),
+    "empty list": ({"eos": []}, "role 'eos' must name a token or a non-empty list of tokens"),
+    "not an object": (["</s>"], "roles must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", ROLE_MAP_ERRORS)
+def test_a_bad_role_map_is_a_one_line_error_naming_the_file_and_role(tmp_path, case) -> None:
+    roles, needle = ROLE_MAP_ERRORS[case]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({**imported_style().to_dict(), "roles": roles}))
+    with pytest.raises(ValueError) as error:
+        load_tokenizer(path)
+    assert str(error.value).startswith(f"{path}: ") and needle in str(error.value)
+    assert "\n" not in str(error.value)

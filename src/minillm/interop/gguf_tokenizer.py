@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gguf
 
-from minillm.tokenizer.base import SPECIAL_TOKENS
 from minillm.tokenizer.bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, BPETokenizer
 from minillm.tokenizer.chat import hf_chat_template, uses_role_tokens
 from minillm.tokenizer.hf import bpe_from_hf, bytes_to_unicode
@@ -76,8 +75,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     writer.add_token_merges([f"{tokens[a]} {tokens[b]}" for a, b in tokenizer.merges])
     for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("pad", writer.add_pad_token_id)):
-        if SPECIAL_TOKENS[name] in tokenizer.special_tokens:
-            add(tokenizer.special_id(name))
+        ids = tokenizer.role_ids(name)  # ours, or an imported tokenizer's (its role map)
+        if ids:
+            add(ids[0])
     # Our prompts carry <|bos|> only where the chat template puts it; never add one implicitly.
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)

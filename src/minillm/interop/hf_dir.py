@@ -13,7 +13,9 @@ Import (`import_hf`): GPT-2, LLaMA, Mistral and Qwen2 checkpoints whose tokenize
 reproduces (byte-level BPE; one token per character, as a char run exports). HF numbers a
 vocabulary its own way, ours is fixed (bytes, merges, special tokens:
 minillm.tokenizer.hf.bpe_from_hf_any), so the embedding and lm_head rows are permuted into our
-numbering: the same text gives the same tokens and the same logits.
+numbering: the same text gives the same tokens and the same logits. The tokenizer keeps HF's own
+special-token texts, and a role map says which plays bos / eos / pad (`_roles`), so that a run
+imported from GPT-2 stops at `<|endoftext|>` and exports with the same eos and bos tokens.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from minillm.interop.hf import LLAMA_LIKE, config_from_hf, family, from_transfor
 from minillm.interop.peft import load_peft, save_peft
 from minillm.tokenizer import SPECIAL_TOKENS, BPETokenizer, CharTokenizer, load_tokenizer
 from minillm.tokenizer.chat import save_hf_tokenizer, stop_token_ids
-from minillm.tokenizer.hf import bpe_from_hf_any, char_from_hf
+from minillm.tokenizer.hf import bpe_from_hf_any, char_from_hf, roles_from_hf
 from minillm.torch import lora
 from minillm.torch.quant_format import check_float_run
 from minillm.torch.sft import load_for_inference
@@ -40,6 +42,9 @@ from minillm.torch.sft import load_for_inference
 ADAPTER_MODES = ("merged", "peft")
 ADAPTER_DIR = "adapter"  # where adapter_mode="peft" puts the peft adapter inside the export
 IMPORTABLE = ("gpt2", *LLAMA_LIKE)
+# Where a checkpoint says which tokens are bos / eos / pad: by text (first), then by id.
+TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+ID_FILES = ("generation_config.json", checkpoint.CONFIG_FILE)
 
 
 @contextlib.contextmanager
@@ -60,9 +65,9 @@ def _staging(out: Path) -> Iterator[Path]:
 
 # --- export -------------------------------------------------------------------------------------
 def _special_ids(tokenizer) -> dict[str, int | None]:
-    """bos_token_id / eos_token_id / pad_token_id for transformers' configs (None: no such token)."""
-    return {f"{name}_token_id": tokenizer.special_tokens.get(SPECIAL_TOKENS[name])
-            for name in ("bos", "eos", "pad")}
+    """bos_token_id / eos_token_id / pad_token_id for transformers' configs (None: no such token);
+    an imported tokenizer's role map decides (e.g. GPT-2's <|endoftext|>), else our <|bos|> ..."""
+    return {f"{name}_token_id": (tokenizer.role_ids(name) or [None])[0] for name in ("bos", "eos", "pad")}
 
 
 def _write_hf_model(hf_model, tokenizer, directory: Path) -> None:
@@ -72,7 +77,8 @@ def _write_hf_model(hf_model, tokenizer, directory: Path) -> None:
     ids = _special_ids(tokenizer)
     for key, value in ids.items():
         setattr(hf_model.config, key, value)
-    stops = stop_token_ids(tokenizer)  # eos, and the template tokens that open another turn
+    # every eos of the role map, and the template tokens that open another turn
+    stops = list(dict.fromkeys(tokenizer.role_ids("eos") + stop_token_ids(tokenizer)))
     hf_model.generation_config = transformers.GenerationConfig(
         **{**ids, "eos_token_id": stops if len(stops) > 1 else ids["eos_token_id"]})
     hf_model.save_pretrained(directory)  # safetensors
@@ -127,9 +133,20 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, adapter: str | Path | No
 
 
 # --- import -------------------------------------------------------------------------------------
+def _roles(model_dir: Path, data: dict) -> dict[str, list[str]]:
+    """Which added tokens of tokenizer.json `data` play bos / eos / pad, from the checkpoint's own
+    files (minillm.tokenizer.hf.roles_from_hf). A role our own token already plays needs no entry,
+    so a minillm export imports back with the same tokenizer file."""
+    def present(names: tuple[str, ...]) -> list[tuple[str, dict]]:
+        return [(str(path), read_json(path)) for path in (model_dir / n for n in names) if path.is_file()]
+
+    roles = roles_from_hf(data, present(TOKEN_FILES), present(ID_FILES))
+    return {role: tokens for role, tokens in roles.items() if tokens[0] != SPECIAL_TOKENS[role]}
+
+
 def _read_tokenizer(model_dir: Path) -> tuple[BPETokenizer | CharTokenizer, list[int]]:
     """Our tokenizer of a checkpoint's tokenizer.json and hf_ids (our id -> HF id): byte-level BPE,
-    or a WordLevel model over single characters (what a char run exports)."""
+    or a WordLevel model over single characters (what a char run exports), with its role map."""
     path = model_dir / checkpoint.TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"{path} not found: only a fast tokenizer's tokenizer.json imports (save the "
@@ -139,9 +156,10 @@ def _read_tokenizer(model_dir: Path) -> tuple[BPETokenizer | CharTokenizer, list
         chars, unk, specials, hf_ids = char_from_hf(data, str(path))
         tokenizer = CharTokenizer.from_dict({"chars": chars, "unk": unk is not None,
                                              "special_tokens": specials})
-        return tokenizer, hf_ids
-    pattern, merges, specials, hf_ids = bpe_from_hf_any(data, str(path))
-    tokenizer = BPETokenizer.from_dict({"pattern": pattern, "merges": merges, "special_tokens": specials})
+    else:
+        pattern, merges, specials, hf_ids = bpe_from_hf_any(data, str(path))
+        tokenizer = BPETokenizer.from_dict({"pattern": pattern, "merges": merges, "special_tokens": specials})
+    tokenizer.set_roles(_roles(model_dir, data), str(path))
     return tokenizer, hf_ids
 
 

@@ -8,6 +8,11 @@ themselves (`to_dict`). Everything else lives here once:
   vocabulary. Following tiktoken, a special-token string inside ordinary text is encoded as
   ordinary text unless the caller allows it via `allowed_special`; an allowed special token is
   always exactly one id. This is what keeps user-typed "<|user|>" from forging a chat turn.
+- **Roles**: a tokenizer imported from another library keeps that library's special-token texts
+  (`<|endoftext|>`, `</s>`, `<|im_end|>` ...), so an optional role map says which of them plays
+  bos, eos and pad (saved as `"roles"`, e.g. {"eos": "<|endoftext|>"}; eos may list several
+  tokens, all of which end generation). `special_id("eos")` consults it before `SPECIAL_TOKENS`;
+  our own tokenizers have no map, and their files are unchanged.
 - **Decoding** joins token bytes and decodes them as UTF-8: an id sequence that cuts a character
   in half decodes to U+FFFD instead of raising, and `StreamDecoder` holds back the bytes of an
   unfinished character until the next token completes it, so a chat UI never prints half of one.
@@ -35,6 +40,9 @@ SPECIAL_TOKENS: dict[str, str] = {
     "assistant": "<|assistant|>",
 }
 
+# The roles a role map may assign (the chat roles stay minillm's own tokens: minillm.tokenizer.chat).
+TOKEN_ROLES = ("bos", "eos", "pad")
+
 FORMAT_VERSION = 1
 
 
@@ -45,6 +53,7 @@ class Tokenizer:
 
     def __init__(self) -> None:
         self.special_tokens: dict[str, int] = {}
+        self.roles: dict[str, list[str]] = {}  # role -> the special tokens playing it (see set_roles)
 
     # --- what a subclass provides -------------------------------------------------------------
     @property
@@ -82,12 +91,47 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)
         self._special_by_id = {i: s for s, i in self.special_tokens.items()}
 
+    def set_roles(self, roles: dict[str, str | list[str]] | None, source: str = "roles") -> None:
+        """Say which special tokens play bos / eos / pad: {"eos": "<|endoftext|>"} or, for several
+        (all end generation; the first is `special_id("eos")`), {"eos": ["<|im_end|>", "<|endoftext|>"]}.
+        ValueError naming `source` (the file) and the role for anything else."""
+        if roles is not None and not isinstance(roles, dict):
+            raise ValueError(f"{source}: roles must be an object like {{\"eos\": \"</s>\"}}, "
+                             f"got {roles!r:.80}")
+        checked: dict[str, list[str]] = {}
+        for role, tokens in (roles or {}).items():
+            if role not in TOKEN_ROLES:
+                raise ValueError(f"{source}: unknown role {role!r}; roles are {', '.join(TOKEN_ROLES)}")
+            tokens = [tokens] if isinstance(tokens, str) else tokens
+            if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+                raise ValueError(f"{source}: role {role!r} must name a token or a non-empty list of tokens, "
+                                 f"got {tokens!r:.80}")
+            unknown = [t for t in tokens if t not in self.special_tokens]
+            if unknown:
+                raise ValueError(f"{source}: role {role!r} names {unknown[0]!r}, which is not a special "
+                                 "token of this tokenizer")
+            checked[role] = list(dict.fromkeys(tokens))
+        self.roles = checked
+
+    def special_token(self, name: str) -> str | None:
+        """Text of the special token given by role/name ("eos") or by text; None if there is none."""
+        token = self.roles[name][0] if name in self.roles else SPECIAL_TOKENS.get(name, name)
+        return token if token in self.special_tokens else None
+
     def special_id(self, name: str) -> int:
-        """Id of a special token given by name ("eos") or by string ("<|eos|>")."""
-        token = SPECIAL_TOKENS.get(name, name)
-        if token not in self.special_tokens:
+        """Id of a special token given by role/name ("eos": the role map's token, else "<|eos|>") or
+        by text; KeyError if the tokenizer has none."""
+        token = self.special_token(name)
+        if token is None:
             raise KeyError(f"unknown special token {name!r}; known: {sorted(self.special_tokens)}")
         return self.special_tokens[token]
+
+    def role_ids(self, name: str) -> list[int]:
+        """Every id playing role `name` (eos: all the tokens that end generation); [] if none."""
+        if name in self.roles:
+            return [self.special_tokens[t] for t in self.roles[name]]
+        token = self.special_token(name)
+        return [] if token is None else [self.special_tokens[token]]
 
     @property
     def eos_id(self) -> int:
@@ -99,7 +143,7 @@ class Tokenizer:
             return set(self.special_tokens)
         if allowed_special == "none":
             return set()
-        allowed = {SPECIAL_TOKENS.get(name, name) for name in allowed_special}
+        allowed = {self.special_token(name) or name for name in allowed_special}
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise KeyError(f"unknown special tokens {sorted(unknown)}")
@@ -132,8 +176,12 @@ class Tokenizer:
 
     # --- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as JSON (atomically) to `path`."""
-        _write_json(path, self.to_dict())
+        """Write the tokenizer as JSON (atomically) to `path`; a role map, if any, as `"roles"`."""
+        data = self.to_dict()
+        if self.roles:
+            data["roles"] = {role: tokens[0] if len(tokens) == 1 else tokens
+                             for role, tokens in self.roles.items()}
+        _write_json(path, data)
 
     def save_hf(self, path: str | os.PathLike) -> None:
         """Export to Hugging Face `tokenizers` JSON, which gives the same ids (but see `tokenizer.hf`)."""
@@ -146,11 +194,14 @@ class Tokenizer:
 
     @classmethod
     def from_file_dict(cls, data: dict[str, Any], source: str) -> "Tokenizer":
-        """`from_dict` after checking the `"type"` field; `source` names the file in errors."""
+        """`from_dict` after checking the `"type"` field, plus the role map (checked); `source`
+        names the file in errors."""
         if data.get("type") != cls.type_name:
             found = data.get("type")
             raise ValueError(f"{source}: expected a {cls.type_name!r} tokenizer, found type {found!r}")
-        return cls.from_dict(data)
+        tokenizer = cls.from_dict(data)
+        tokenizer.set_roles(data.get("roles"), source)
+        return tokenizer
 
 
 def _write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

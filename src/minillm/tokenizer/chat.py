@@ -112,9 +112,9 @@ def render_for_training(tokenizer, messages: Sequence[Message]) -> tuple[list[in
 
 def stop_token_ids(tokenizer) -> list[int]:
     """Ids that end a reply: eos, and any other template token (a model that opens a new turn is done)."""
-    if not uses_role_tokens(tokenizer):
-        return [tokenizer.special_id("eos")] if SPECIAL_TOKENS["eos"] in tokenizer.special_tokens else []
-    return [tokenizer.special_id(name) for name in ("eos", "bos", *ROLES)]
+    if not uses_role_tokens(tokenizer):  # an imported tokenizer's role map may list several eos tokens
+        return tokenizer.role_ids("eos")
+    return [*tokenizer.role_ids("eos"), *(tokenizer.special_id(name) for name in ("bos", *ROLES))]
 
 
 def stop_strings(tokenizer) -> list[str]:
@@ -153,8 +153,8 @@ def save_hf_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_hf(directory / "tokenizer.json")
     config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    config.update({f"{name}_token": SPECIAL_TOKENS[name] for name in ("bos", "eos", "pad")
-                   if SPECIAL_TOKENS[name] in tokenizer.special_tokens})
+    config.update({f"{name}_token": token for name in ("bos", "eos", "pad")
+                   if (token := tokenizer.special_token(name)) is not None})
     if uses_role_tokens(tokenizer):
         config["chat_template"] = hf_chat_template()
     atomic_write_json(directory / "tokenizer_config.json", config)

@@ -1,7 +1,8 @@
 """Export to and import from the Hugging Face `tokenizers` JSON format (`tokenizer.json`).
 
 Plain dicts in and out: a tokenizer's parts (byte vocabulary, merges, split pattern, special
-tokens) <-> the `tokenizer.json` content. `BPETokenizer` and `CharTokenizer` call these functions;
+tokens and their roles) <-> the `tokenizer.json` content (and, for the roles, the eos/bos/pad fields
+of a checkpoint's other JSON files). `BPETokenizer` and `CharTokenizer` call these functions;
 this module imports neither, nor `tokenizers` (the format is plain JSON: no extra package needed).
 
 How our byte-level BPE is expressed in HF's pipeline, so that `Tokenizer.from_file` gives our ids:
@@ -245,3 +246,52 @@ def char_from_hf(data: dict[str, Any], source: str = "tokenizer.json"
     hf_ids = [vocab[c] for c in chars] + ([model["vocab"][unk]] if unk in model["vocab"] else [])
     specials = {t: len(hf_ids) + j for j, t in enumerate(sorted(added, key=added.get))}
     return chars, unk if unk in model["vocab"] else None, specials, hf_ids + sorted(added.values())
+
+
+# --- which added token plays bos / eos / pad (minillm.tokenizer.base's role map) ----------------
+def _named_token(fields: dict[str, Any], field: str, source: str) -> str | None:
+    """tokenizer_config.json's `eos_token` & co.: a string, an AddedToken {"content": ...} or null."""
+    value = fields.get(field)
+    value = value.get("content") if isinstance(value, dict) else value
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{source}: {field} must be a token string or an AddedToken object, "
+                         f"got {value!r:.60}")
+    return value
+
+
+def _listed_ids(fields: dict[str, Any], field: str, source: str) -> list[int]:
+    """config.json's / generation_config.json's `eos_token_id` & co.: an id, a list of ids or null."""
+    value = fields.get(field)
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{source}: {field} must be a token id or a list of ids, got {value!r:.60}")
+    return ids
+
+
+def roles_from_hf(data: dict[str, Any], token_files: list[tuple[str, dict]],
+                  id_files: list[tuple[str, dict]]) -> dict[str, list[str]]:
+    """role (bos, eos, pad) -> the added tokens of tokenizer.json `data` that play it, read from a
+    checkpoint's files, each given as (source, content): `token_files` (tokenizer_config.json,
+    special_tokens_map.json) name it by text, e.g. `eos_token` (the first file that does wins); else
+    `id_files` (generation_config.json, config.json) by HF id, `eos_token_id`. For eos the listed ids
+    are added too: every one of them ends generation. An id tokenizer.json lacks is skipped (a stale
+    default, e.g. GPT2Config's 50256 in a tiny model); an ordinary token is refused."""
+    added = {t["content"] for t in data.get("added_tokens", [])}
+    text_of = {i: t for t, i in (data.get("model") or {}).get("vocab", {}).items()}
+    text_of.update({t["id"]: t["content"] for t in data.get("added_tokens", [])})
+    found: dict[str, list[str]] = {}
+    for role in ("bos", "eos", "pad"):
+        field = f"{role}_token"
+        # (where it was found, token text): by name, first file only; then by id, for eos from every file
+        named = [(f"{s}: {field}", t) for s, fields in token_files if (t := _named_token(fields, field, s))]
+        listed = [(f"{s}: {field}_id {i}", text_of[i])
+                  for s, fields in (id_files if role == "eos" or not named else [])
+                  for i in _listed_ids(fields, f"{field}_id", s) if i in text_of]
+        named = named[:1]
+        for where, token in named + listed:
+            if token not in added:  # minillm stops only at special tokens (one id, never merged from text)
+                raise ValueError(f"{where} names {token!r}, which is not an added (special) token of "
+                                 "tokenizer.json")
+        if named or listed:
+            found[role] = list(dict.fromkeys(t for _, t in named + listed))
+    return found

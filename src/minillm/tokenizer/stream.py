@@ -87,7 +87,7 @@ def special_ids(tokenizer, *names: str) -> list[int]:
     ids = []
     for name in names:
         try:
-            ids.append(tokenizer.special_id(name))
-        except (KeyError, AttributeError):
+            ids.extend(tokenizer.role_ids(name))  # every token of the role (an imported eos list)
+        except AttributeError:
             pass
     return ids

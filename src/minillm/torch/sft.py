@@ -25,7 +25,6 @@ from minillm.finetune import FinetuneConfig
 from minillm.interop.hf import family
 from minillm.interop.peft import load_peft, save_peft
 from minillm.tokenizer import load_tokenizer
-from minillm.tokenizer.base import SPECIAL_TOKENS
 from minillm.torch import lora, moe, prune
 from minillm.torch.model import load_model, model_from_params
 from minillm.torch.quant_format import load_quantized, quantization_record
@@ -42,7 +41,7 @@ class SFTData(RunData):
         micro, self.micro_batch = split_batch(cfg, world)
         # Padding is masked out of the loss and attention, so any id works where a tokenizer (an
         # imported one) has no <|pad|>.
-        pad = tokenizer.special_tokens.get(SPECIAL_TOKENS["pad"], 0)
+        pad = (tokenizer.role_ids("pad") or [0])[0]
         train, val = finetune.conversations(ft.data, ft.val_every)
         train = sft.tokenize(tokenizer, train, cfg.block_size, ft.overlong)
         val = sft.tokenize(tokenizer, val, cfg.block_size, ft.overlong, log=lambda _: None)
