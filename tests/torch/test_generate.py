@@ -16,6 +16,7 @@ from tests.conftest import STYLES, make_model, random_prompt
 def _trace_compiled_step_eagerly(monkeypatch) -> None:
     """Run what compile=True compiles, without compiling: the [out, in] weights, the row-dot
     products that only run under torch.compile, and the written-out attention."""
+    monkeypatch.setattr(packed, "row_dots_faster", lambda: True)  # the layout, whatever this CPU prefers
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(packed, "compile_decode_step",
                         lambda model: lambda *args: model(*args, last_only=True, manual_attention=True))
@@ -201,13 +202,15 @@ def test_packed_copy_is_rebuilt_when_weights_change():
         assert after == model(torch.tensor([[1, 2] + after]))[0, 1:-1].argmax(-1).tolist()
 
 
-def test_compiled_decode_step_matches_full_forward(monkeypatch):
+@pytest.mark.parametrize("row_dots", [True, False])
+def test_compiled_decode_step_matches_full_forward(row_dots, monkeypatch):
     """The default suite's torch.compile check: a tiny model's batch-1 decode steps, really
-    compiled (row dots, frozen weights, written-out attention), give the full forward's logits
-    and eager generate's tokens. Random biases on, so the row-dot products' bias term counts. Only the
+    compiled (row dots or BLAS calls, frozen weights, written-out attention), give the full forward's
+    logits and eager generate's tokens. Random biases on, so the products' bias term counts. Only the
     autotuning search is skipped (minutes); the slow test below runs it, batched too."""
     quick = functools.partial(packed.compile_decode_step, autotune=False)
     monkeypatch.setattr(packed, "compile_decode_step", quick)
+    monkeypatch.setattr(packed, "row_dots_faster", lambda: row_dots)
     model = _random_biases_and_gains(make_model("llama-gqa", bias=True, scale=3.0))
     tokens = random_prompt(20, seed=3)
     with torch.inference_mode():
@@ -232,3 +235,15 @@ def test_compiled_decode_matches_eager_and_follows_weight_changes():
             model.norm.weight.mul_(-1.0)
         eager = generate(model, prompts, 12, temperature=0)
         assert generate(model, prompts, 12, temperature=0, compile=True) == eager
+
+
+def test_the_faster_product_is_measured_or_forced(monkeypatch):
+    """matvec.row_dots_faster times compiled row dots against the BLAS on this machine (a bool,
+    whichever won), unless MINILLM_ROW_DOT forces it."""
+    from minillm.torch import matvec
+
+    monkeypatch.delenv(matvec.ROW_DOT_ENV, raising=False)
+    assert matvec.row_dots_faster.__wrapped__(rows=256, cols=256, rounds=1) in (True, False)
+    for forced, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv(matvec.ROW_DOT_ENV, forced)
+        assert matvec.row_dots_faster.__wrapped__() is expected

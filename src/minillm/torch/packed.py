@@ -3,11 +3,13 @@
 Same mathematics as `Transformer.forward`, from the same functions of minillm.torch.layers
 (tests compare the two to 1e-5), on another layout of the weights:
 - Q, K and V are one fused matrix, SwiGLU's gate and up another: fewer, larger matrix products.
-- Two weight layouts, each the fastest for its way of running a decode step's matrix-vector
-  products. Eager: [in, out], applied with `addmm` (MKL streams this layout ~1.5x faster than
-  `F.linear` on [out, in]). Compiled ("row-dot" layout): [out, in], each product a row-wise dot
-  product (row_dot_linear) streaming the weights at ~40 GB/s, ~3x MKL's single-token `sgemv`
-  here (BENCHMARKS.md); the tied head then is the embedding table itself.
+- Two weight layouts, one per way of running a decode step's matrix-vector products
+  (minillm.torch.matvec). BLAS: [in, out], applied with `addmm` (on an AMD EPYC, MKL streams this
+  layout ~1.5x faster than `F.linear` on [out, in]); always eager. Row dots: [out, in], each
+  single-row product a row-wise dot product that torch.compile turns into one reduction loop; the
+  tied head then is the embedding table itself. The compiled step takes whichever streams faster
+  on this CPU (`matvec.row_dots_faster`: the row dots on an AMD EPYC, 3x MKL's `sgemv`; MKL on an
+  Intel Xeon, 2x the row dots).
 - A quantized model (minillm.torch.quantize) keeps its int8/int4 layers: fused like the float ones,
   they stay objects in place of the weight tensors, and the two `linear`s hand them x to multiply.
 - Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
@@ -22,35 +24,15 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minillm.torch import layers
 from minillm.torch.alibi import alibi_slopes
+from minillm.torch.matvec import addmm_linear, row_dot_linear, row_dots_faster
 from minillm.torch.quantize import QuantLinear, fuse
 
 # model -> {compile: (fingerprint of its weights, PackedCopy)}
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-# --- matrix products in the two layouts -----------------------------------------------------------
-def addmm_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """Eager layout: x (N, in) times w (in, out) -> (N, out)."""
-    if isinstance(w, QuantLinear):  # int8 / int4 weights (minillm.torch.quantize): their own products
-        return w.linear(x, b)
-    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
-
-
-def row_dot_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """Row-dot layout: x (N, in) times w (out, in) -> (N, out)."""
-    if isinstance(w, QuantLinear):  # dequantized inside its own row-wise dot product when compiling
-        return w.linear(x, b)
-    if x.size(0) == 1 and torch.compiler.is_compiling():
-        # One token: y[o] = sum_i w[o, i] x[i], written out so Inductor emits a single reduction
-        # loop over contiguous rows of w (no (1, out, in) temporary is ever materialised).
-        y = (x[:, None, :] * w).sum(-1)  # (1, out)
-        return y if b is None else y + b
-    return F.linear(x, w, b)
 
 
 def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -221,7 +203,7 @@ class PackedCopy:
     packs its own copy: their weight layouts differ (see the module docstring)."""
 
     def __init__(self, model, compile: bool = False):
-        self.model = PackedModel(model, row_dot=compile).eval()
+        self.model = PackedModel(model, row_dot=compile and row_dots_faster()).eval()
         self.compile = compile
         self.compiled_decode_step = None
 
@@ -236,10 +218,11 @@ class PackedCopy:
 
 def compile_decode_step(packed: PackedModel, autotune: bool = True):
     """torch.compile a decode step: one full graph, written-out attention (it fuses), and
-    matrix-vector products as row-wise reductions (row_dot_linear). For batched decoding
-    (several rows per product) max-autotune picks C++ micro-GEMMs over frozen, prepacked
-    weights (autotune=False skips that search: a quicker compile, for tests). Compiles on the
-    first call, and again for each new batch size / cache length."""
+    matrix-vector products as row-wise reductions (row_dot_linear) or BLAS calls, whichever the
+    packing chose. For batched decoding (several rows per product) max-autotune picks between C++
+    micro-GEMMs and MKL over frozen, prepacked weights (autotune=False skips that search: a quicker
+    compile, for tests). Compiles on the first call, and again for each new batch size / cache
+    length."""
     import torch._inductor.config as inductor_config
 
     options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else {}
