@@ -6,7 +6,7 @@ import torch
 
 from minillm.checkpoint import save_run
 from minillm.cli import main
-from minillm.torch import packed
+from minillm.torch import packed, speculative
 from minillm.torch.generate import generate
 from minillm.torch.model import model_params
 from minillm.torch.speculative import speculative_generate, verify
@@ -37,11 +37,22 @@ def _draft(target, agreement: str):
     return draft
 
 
-def _trace_compiled_step_eagerly(monkeypatch) -> None:
-    """What compile=True compiles ([out, in] weights, row-dot products, written-out attention), eagerly."""
+def _trace_compiled_step_eagerly(monkeypatch) -> list[tuple[int, int]]:
+    """What compile=True compiles ([out, in] weights, row-dot products, written-out attention), eagerly.
+    Returns the list into which every call of a compiled graph appends (T, S), its shape."""
+    shapes = []
+
+    def traced(model, last_only):
+        def step(tokens, *args):
+            shapes.append((tokens.size(1), args[2].size(-1)))  # (T, S of the mask)
+            return model(tokens, *args, last_only=last_only, manual_attention=True)
+        return step
+
+    monkeypatch.setattr(packed, "row_dots_faster", lambda: True)  # the row-dot layout on any CPU
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    monkeypatch.setattr(packed, "compile_decode_step",
-                        lambda model: lambda *args: model(*args, last_only=True, manual_attention=True))
+    monkeypatch.setattr(packed, "compile_decode_step", lambda model: traced(model, True))
+    monkeypatch.setattr(speculative, "verify_step", lambda copy: traced(copy.model, False))
+    return shapes
 
 
 # --- greedy: the target's output, token for token -----------------------------------------------------
@@ -49,14 +60,17 @@ def _trace_compiled_step_eagerly(monkeypatch) -> None:
 @pytest.mark.parametrize("agreement", ["often", "sometimes", "rarely"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_greedy_output_is_the_targets_token_for_token(k, agreement, compiled, monkeypatch):
-    if compiled:
-        _trace_compiled_step_eagerly(monkeypatch)
+    shapes = _trace_compiled_step_eagerly(monkeypatch) if compiled else []
     target = _target()
     draft = _draft(target, agreement)
     prompt = random_prompt(5, seed=2)
     expected = generate(target, prompt, 64, temperature=0)
+    shapes.clear()
     out = speculative_generate(target, draft, prompt, 64, k=k, temperature=0, compile=compiled)
     assert out.tokens == expected
+    # compiled: two shapes of graph, the decode step and the verify pass over k + 1 tokens (the draft's
+    # catch-up and a short last round run as decode steps): no new shape compiles mid-generation
+    assert set(shapes) == ({(1, 69), (k + 1, 69)} if compiled else set()), set(shapes)
     rounds = sum(out.accept_counts)
     assert sum((n + 1) * c for n, c in enumerate(out.accept_counts)) == 64  # every token came from a round
     accepted = sum(n * c for n, c in enumerate(out.accept_counts)) / (k * rounds)

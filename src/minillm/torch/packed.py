@@ -206,6 +206,7 @@ class PackedCopy:
         self.model = PackedModel(model, row_dot=compile and row_dots_faster()).eval()
         self.compile = compile
         self.compiled_decode_step = None
+        self.compiled_verify_step = None  # speculative decoding's T-token pass (minillm.torch.speculative)
 
     def __call__(self, *args, decode_step: bool = False) -> torch.Tensor:
         """PackedModel.forward(*args); the compiled version for decode steps when compiling."""
@@ -216,24 +217,26 @@ class PackedCopy:
         return self.compiled_decode_step(*args)
 
 
-def compile_decode_step(packed: PackedModel, autotune: bool = True):
+def compile_decode_step(packed: PackedModel, autotune: bool = True, last_only: bool = True,
+                        dynamic: bool | None = None):
     """torch.compile a decode step: one full graph, written-out attention (it fuses), and
     matrix-vector products as row-wise reductions (row_dot_linear) or BLAS calls, whichever the
     packing chose. For batched decoding (several rows per product) max-autotune picks between C++
     micro-GEMMs and MKL over frozen, prepacked weights (autotune=False skips that search: a quicker
     compile, for tests). Compiles on the first call, and again for each new batch size / cache
-    length."""
+    length. last_only=False returns every position's logits (speculative decoding's verify pass,
+    with dynamic=False: one static graph per number of tokens)."""
     import torch._inductor.config as inductor_config
 
     options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else {}
-    compiled = torch.compile(packed, fullgraph=True, options=options)
+    compiled = torch.compile(packed, fullgraph=True, dynamic=dynamic, options=options)
 
     def step(*args) -> torch.Tensor:
         # Freezing is on for these calls only (it is not honoured as a compile option); left on
         # globally it would also freeze any other graph compiled later without gradients.
         before, inductor_config.freezing = inductor_config.freezing, True
         try:
-            return compiled(*args, last_only=True, manual_attention=True)
+            return compiled(*args, last_only=last_only, manual_attention=True)
         finally:
             inductor_config.freezing = before
 

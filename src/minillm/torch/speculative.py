@@ -32,8 +32,9 @@ import torch
 
 from minillm.config import cache_length
 from minillm.tokenizer.stream import StopChecker
+from minillm.torch import packed
 from minillm.torch.kv_cache import make_caches
-from minillm.torch.packed import packed_copy
+from minillm.torch.packed import PackedCopy, packed_copy
 from minillm.torch.sampling import SamplingConfig, mask_padded_vocab, process_logits
 
 
@@ -46,10 +47,14 @@ class SpeculativeOutput(NamedTuple):
 
 
 class CachedDecoder:
-    """One model's side at batch 1: its packed copy, K/V caches of max_len slots, and `length`."""
+    """One model's side at batch 1: its packed copy, K/V caches of max_len slots, and `length`.
+    verify_length: with compile=True, feeds of exactly that many tokens (the target's k + 1) run
+    as one compiled multi-token forward; any other feed runs as compiled one-token steps (the
+    draft's catch-up, a short last round), so no new shape is ever compiled mid-generation."""
 
-    def __init__(self, model, max_len: int, compile: bool = False):
+    def __init__(self, model, max_len: int, compile: bool = False, verify_length: int | None = None):
         self.packed = packed_copy(model, compile)
+        self.compile, self.verify_length = compile, verify_length
         caches = make_caches(model.config, 1, max_len)
         self.k_caches, self.v_caches = [c.k for c in caches], [c.v for c in caches]
         self.slots = torch.arange(max_len)  # (S,)
@@ -57,22 +62,51 @@ class CachedDecoder:
 
     def forward(self, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` at slots length .. length+T-1 -> logits (T, V) of the token after each."""
+        if len(tokens) == 1 or (self.compile and len(tokens) != self.verify_length):
+            return torch.cat([self.step(t) for t in tokens])
+        return self.prefill(tokens, compiled=self.compile)
+
+    def step(self, token: int) -> torch.Tensor:
+        """One decode step (compiled with compile=True) -> logits (1, V)."""
+        s = self.length
+        # float bias (1, 1, 1, S): 0 on slots <= s, -inf past them
+        bias = torch.zeros(1, 1, 1, len(self.slots)).masked_fill_(self.slots > s, float("-inf"))
+        # positions = slots (one row, no padding), sliced from a (1, S) row as BatchCache slices them,
+        # so that the compiled step of minillm.torch.generate is reused, not recompiled for new strides
+        positions = self.slots[None, s:s + 1]  # (1, 1) of strides (S, 1)
+        logits = self.packed(torch.tensor([[token]]), positions, positions[0], bias, self.k_caches,
+                             self.v_caches, decode_step=True)
+        self.length = s + 1
+        return logits
+
+    def prefill(self, tokens: list[int], compiled: bool = False) -> torch.Tensor:
+        """Feed T tokens in one forward pass, each query seeing the slots up to its own -> logits (T, V).
+        compiled: the compiled multi-token forward (the target's verify pass), else eager."""
         T, s = len(tokens), self.length
-        slots = self.slots[s:s + T]  # (T,), also the positions: one row, no padding
-        ids, positions = torch.tensor([tokens]), slots[None]  # (1, T)
-        if T == 1:  # a decode step (compiled with compile=True): float bias (1, 1, 1, S) over slots <= s
-            bias = torch.zeros(1, 1, 1, len(self.slots)).masked_fill_(self.slots > s, float("-inf"))
-            logits = self.packed(ids, positions, slots, bias, self.k_caches, self.v_caches, decode_step=True)
-        else:  # several tokens: causal over the slots, each query sees the slots up to its own
-            mask = (self.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, S)
-            logits = self.packed.model(ids, positions, slots, mask, self.k_caches, self.v_caches,
-                                       last_only=False)[0]  # (T, V)
+        slots = self.slots[s:s + T]  # (T,), also the positions
+        mask = (self.slots[None, :] <= slots[:, None])[None, None]  # (1, 1, T, S)
+        args = (torch.tensor([tokens]), slots[None], slots, mask, self.k_caches, self.v_caches)
+        if compiled:  # all T logits, as the verify graph is compiled (last_only=False)
+            logits = verify_step(self.packed)(*args)[0]  # (T, V)
+        else:
+            logits = self.packed.model(*args, last_only=False)[0]  # (T, V)
         self.length = s + T
         return logits
 
     def rollback(self, length: int) -> None:
         """Keep only the first `length` tokens (a no-op when the cache holds fewer)."""
         self.length = min(self.length, length)
+
+
+def verify_step(copy: PackedCopy):
+    """The packed model's forward over T tokens returning all T logits, compiled as a decode step is
+    (minillm.torch.packed.compile_decode_step: frozen weights, max-autotune; with k+1 rows its
+    matrix products become GEMMs that stream the weights once, where the eager pass costs about
+    two decode steps). One static graph per T, compiled on the first call and kept on the packed
+    copy, which lives as long as its model's weights do."""
+    if copy.compiled_verify_step is None:
+        copy.compiled_verify_step = packed.compile_decode_step(copy.model, last_only=False, dynamic=False)
+    return copy.compiled_verify_step
 
 
 def distributions(logits: torch.Tensor, sampling: SamplingConfig, vocab_size: int | None) -> torch.Tensor:
@@ -104,28 +138,48 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor,
     return n, torch.multinomial(residual, 1, generator=generator)[:, 0]  # multinomial normalises
 
 
+def propose(draft: CachedDecoder, context: list[int], k: int, sampling: SamplingConfig,
+            vocab_size: int | None = None,
+            generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor | None]:
+    """The draft's k tokens after `context`, one forward each (the first also catches up on the
+    context tokens it has not seen: the last one, or the last two after a round that accepted
+    all), and their distributions q (k, V); greedy: its argmaxes, and q None (not needed)."""
+    drafted, q, feed = [], [], context[draft.length:]
+    for _ in range(k):
+        logits = draft.forward(feed)[-1:]  # (1, V)
+        if sampling.greedy:
+            feed = [int(mask_padded_vocab(logits, vocab_size).argmax())]
+        else:
+            q.append(distributions(logits, sampling, vocab_size))  # (1, V)
+            feed = [int(torch.multinomial(q[-1][0], 1, generator=generator))]
+        drafted.append(feed[0])
+    return drafted, (torch.cat(q) if q else None)
+
+
 def speculative_round(target: CachedDecoder, draft: CachedDecoder, context: list[int], k: int,
                       sampling: SamplingConfig, vocab_size: int | None = None,
                       generator: torch.Generator | None = None) -> tuple[list[int], int]:
     """One round of Algorithm 1 after `context` (prompt + tokens so far; both caches hold at most
     len(context) - 1 of them). Returns the new tokens (1 .. k+1) and how many drafts were accepted."""
-    # 1. The draft proposes k tokens, one forward each (the first also catches up on the context
-    #    tokens it has not seen: the last one, or the last two after a round that accepted all).
-    drafted, q, feed = [], [], context[draft.length:]
-    for _ in range(k):
-        q_i = distributions(draft.forward(feed)[-1:], sampling, vocab_size)  # (1, V)
-        feed = [int(torch.multinomial(q_i[0], 1, generator=generator))]
-        drafted.append(feed[0])
-        q.append(q_i)
+    # 1. The draft proposes k tokens.
+    drafted, q = propose(draft, context, k, sampling, vocab_size, generator)
     # 2. The target scores the last context token and every draft in one forward: p_1 .. p_{k+1}.
-    p = distributions(target.forward(context[target.length:] + drafted), sampling, vocab_size)  # (k+1, V)
-    # 3. Accept or reject, then roll both caches back to the accepted tokens.
-    q = torch.cat(q) if q else p.new_zeros(0, p.size(-1))  # (k, V)
-    n, nxt = verify(p[None], q[None], torch.tensor([drafted], dtype=torch.long), generator)
-    n = int(n)
+    logits = target.forward(context[target.length:] + drafted)  # (k+1, V)
+    # 3. Accept or reject. Greedy: the rule on one-hot distributions, without building them: accept
+    #    while the draft's token is the target's argmax; the next token is the target's argmax.
+    if sampling.greedy:
+        best = mask_padded_vocab(logits, vocab_size).argmax(-1).tolist()  # (k+1,)
+        n = next((i for i in range(k) if drafted[i] != best[i]), k)
+        nxt = best[n]
+    else:
+        p = distributions(logits, sampling, vocab_size)  # (k+1, V)
+        q = p.new_zeros(0, p.size(-1)) if q is None else q  # (k, V)
+        accepted, token = verify(p[None], q[None], torch.tensor([drafted], dtype=torch.long), generator)
+        n, nxt = int(accepted), int(token)
+    # 4. Roll both caches back to the accepted tokens.
     for model in (target, draft):
         model.rollback(len(context) + n)
-    return drafted[:n] + [int(nxt)], n
+    return drafted[:n] + [nxt], n
 
 
 @torch.inference_mode()
@@ -148,10 +202,11 @@ def speculative_stream(target, draft, prompt_ids, max_new_tokens: int, *, k: int
     sampling = SamplingConfig(temperature, top_k, top_p, min_p)
     max_seq_len = min(target.config.max_seq_len, draft.config.max_seq_len)
     window = cache_length([len(prompt)], max_new_tokens, max_seq_len)
-    target, draft = CachedDecoder(target, window, compile), CachedDecoder(draft, window, compile)
+    target = CachedDecoder(target, window, compile, verify_length=k + 1)  # the verify pass: k + 1 tokens
+    draft = CachedDecoder(draft, window, compile)
     for model in (target, draft):  # prefill all but the last prompt token: round 1 starts from it
         if len(prompt) > 1:
-            model.forward(prompt[:-1])
+            model.prefill(prompt[:-1])
     vocab_size = vocab_size or getattr(tokenizer, "vocab_size", None)
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     checker, stop, context = StopChecker(tokenizer, stop_strings), set(stop_token_ids), list(prompt)
