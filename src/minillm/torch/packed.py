@@ -228,7 +228,12 @@ def compile_decode_step(packed: PackedModel, autotune: bool = True, last_only: b
     with dynamic=False: one static graph per number of tokens)."""
     import torch._inductor.config as inductor_config
 
-    options = {"max_autotune": True, "coordinate_descent_tuning": True} if autotune else {}
+    # Inductor inlines a cheap pointwise producer (the embedding lookup, the layer norm) into its
+    # consumer, so each row of a row-dot reduction recomputed the normalised input: store it once
+    # instead (gpt2-small, 2-core Xeon: int8 19.3 -> 14.2 ms a step, fp32 20.0 -> 16.9 ms).
+    options = {"realize_cpu_opcount_threshold": 4}
+    if autotune:
+        options |= {"max_autotune": True, "coordinate_descent_tuning": True}
     compiled = torch.compile(packed, fullgraph=True, dynamic=dynamic, options=options)
 
     def step(*args) -> torch.Tensor:
