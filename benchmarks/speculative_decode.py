@@ -21,8 +21,8 @@
 3. Costs, to explain the ratio: ms per call of each model's compiled decode step and of the
    target's compiled verify pass over K + 1 tokens (and of the eager pass it replaced), and the
    ratio they predict, tokens per round * target step / (K * draft step + verify pass); the
-   measured ratio falls short of it by the per-round Python work (sampling, bookkeeping, the
-   draft's catch-up steps).
+   measured ratio differs from it by the per-round Python work (sampling, bookkeeping, the draft's
+   catch-up steps) and by what a whole plain decode costs beyond its compiled step (it can beat it).
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ Same mathematics as `Transformer.forward`, from the same functions of minillm.to
 - Q, K and V are one fused matrix, SwiGLU's gate and up another: fewer, larger matrix products.
 - Two weight layouts, one per way of running a decode step's matrix-vector products
   (minillm.torch.matvec). BLAS: [in, out], applied with `addmm` (on an AMD EPYC, MKL streams this
-  layout ~1.5x faster than `F.linear` on [out, in]); always eager. Row dots: [out, in], each
-  single-row product a row-wise dot product that torch.compile turns into one reduction loop; the
-  tied head then is the embedding table itself. The compiled step takes whichever streams faster
-  on this CPU (`matvec.row_dots_faster`: the row dots on an AMD EPYC, 3x MKL's `sgemv`; MKL on an
-  Intel Xeon, 2x the row dots).
+  layout ~1.5x faster than `F.linear` on [out, in]); eager, and compiled where MKL wins. Row
+  dots: [out, in], each single-row product a row-wise dot product that torch.compile turns into
+  one reduction loop; the tied head then is the embedding table itself. The compiled step takes
+  whichever streams faster on this CPU (`matvec.row_dots_faster`: the row dots on an AMD EPYC, 3x
+  MKL's `sgemv`; MKL on an Intel Xeon, 2x the row dots).
 - A quantized model (minillm.torch.quantize) keeps its int8/int4 layers: fused like the float ones,
   they stay objects in place of the weight tensors, and the two `linear`s hand them x to multiply.
 - Plain functions over tensors, no nn.Module call per layer (each costs microseconds, which is
