@@ -17,7 +17,7 @@ from torch import nn
 from minillm.checkpoint import CheckpointError, load_weights
 from minillm.cli import main as cli
 from minillm.data.loader import read_tokens
-from minillm.torch import lora, packed, quantize
+from minillm.torch import lora, matvec, packed, quantize
 from minillm.torch.evaluate import perplexity
 from minillm.torch.generate import generate
 from minillm.torch.kv_cache import BatchCache
@@ -197,7 +197,8 @@ def test_compiled_decode_step_of_a_quantized_model_matches_its_full_forward(env,
     if really_compile:
         monkeypatch.setattr(packed, "compile_decode_step",
                             functools.partial(packed.compile_decode_step, autotune=False))
-    else:
+    else:  # no real compile may run while is_compiling is faked: the layout probe is one
+        monkeypatch.setattr(packed, "row_dots_faster", lambda: True)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         monkeypatch.setattr(packed, "compile_decode_step",
                             lambda model: lambda *args: model(*args, last_only=True, manual_attention=True))
@@ -211,3 +212,30 @@ def test_compiled_decode_step_of_a_quantized_model_matches_its_full_forward(env,
         got = [cache.prefill([tokens[:8]])] + [cache.decode(torch.tensor([t])) for t in tokens[8:]]
     assert isinstance(packed.packed_copy(model, compile=True).model.head_w, quantize.Int8Linear)
     assert (torch.cat(got) - full[7:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+def test_compiled_row_dots_in_row_blocks_equal_the_float64_product(kind):
+    """A decode step's single-row products, really compiled: the rows go in 8 blocks (matvec.
+    in_row_blocks), with fewer rows than blocks (5), a multiple of 8 (48) and a remainder (61);
+    int4 layers have a multiple of 16 rows (torch's int4 kernel layout)."""
+    torch.manual_seed(0)
+    linears = [nn.Linear(64, n_out, bias=True) for n_out in ((16, 48) if kind == "int4" else (5, 48, 61))]
+    if kind == "fp32":
+        weights = [lin.weight.detach() for lin in linears]  # [out, in], the row-dot layout
+        dense = weights
+    else:
+        weights = [quantize.Int8Linear.from_float(lin) if kind == "int8" else
+                   quantize.Int4Linear.from_float(lin, 32) for lin in linears]
+        dense = [w.dequantize() for w in weights]
+    biases = [lin.bias.detach() for lin in linears]
+    x = torch.randn(1, 64)
+
+    def products(x):
+        return [matvec.row_dot_linear(x, w, b) for w, b in zip(weights, biases)]
+
+    with torch.inference_mode():
+        got = torch.compile(products, fullgraph=True, dynamic=False)(x)
+    for y, w, b in zip(got, dense, biases):
+        expected = F.linear(x.double(), w.double(), b.double())  # (1, out)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.torch.matvec import in_row_blocks
+
 METHODS = ("int8", "int4", "gptq-int4")
 GROUP_SIZES = (32, 64, 128)
 TARGETS = ("q", "k", "v", "o", "up", "gate", "down")  # the blocks' linear layers (as minillm.torch.lora)
@@ -145,8 +147,9 @@ class Int8Linear(QuantLinear):
         return torch.mm(x, self.qweight.t().float()) * self.scales
 
     def row_dot(self, x: torch.Tensor) -> torch.Tensor:
-        # y[o] = scale[o] · sum_i q[o, i] x[i]: one reduction over the int8 rows, no float copy of W
-        return (x[:, None, :] * self.qweight).sum(-1) * self.scales
+        # y[o] = scale[o] · sum_i q[o, i] x[i]: reductions over the int8 rows, no float copy of W
+        dots = in_row_blocks(lambda a, b: (x[:, None, :] * self.qweight[a:b]).sum(-1), self.out_features)
+        return dots * self.scales  # (1, out)
 
 
 class Int4Linear(QuantLinear):
@@ -181,10 +184,14 @@ class Int4Linear(QuantLinear):
     def row_dot(self, x: torch.Tensor) -> torch.Tensor:
         # sum_i x_i ((q_i - 8) s_g + z_g) = sum_g [s_g · sum_{i in g} x_i (q_i - 8) + z_g · sum_{i in g} x_i]
         G, g = self.scales.size(1), self.group_size
-        codes = unpack_int4(self.qweight).view(self.out_features, G, g)  # (out, G, g), fused by Inductor
         xg = x.view(G, g)
-        dots = (xg * (codes.to(x.dtype) - 8)).sum(-1)  # (out, G)
-        return ((dots * self.scales).sum(-1) + (self.zeros * xg.sum(-1)).sum(-1))[None]  # (1, out)
+
+        def rows(a: int, b: int) -> torch.Tensor:  # output rows a..b-1 -> (1, b - a)
+            codes = unpack_int4(self.qweight[a:b]).view(b - a, G, g)  # fused by Inductor
+            dots = (xg * (codes.to(x.dtype) - 8)).sum(-1)  # (b - a, G)
+            return ((dots * self.scales[a:b]).sum(-1) + (self.zeros[a:b] * xg.sum(-1)).sum(-1))[None]
+
+        return in_row_blocks(rows, self.out_features)  # (1, out)
 
 
 def fuse(*layers: QuantLinear) -> QuantLinear:
