@@ -16,7 +16,7 @@ or [out, in / group_size]), `{path}.zeros` (int4 only, float32 [out, in / group_
 
 Products, the fastest of what was measured here (a 2-core AVX2 Xeon; benchmarks/compress.py):
 - compiled, one token (a decode step): the dequantization written inside the row-wise dot product
-  (as minillm.torch.matvec.row_dot_linear), which Inductor turns into one loop over the integer bytes;
+  (as minillm.torch.matvec.row_dot_linear, in 8 blocks of rows: one loop, 8 accumulators);
 - eager: int4 at one row, torch's CPU kernel `_weight_int4pack_mm_for_cpu` (torchao's and gpt-fast's);
   otherwise the integer matrix made float and one matmul (torch's `_weight_int8pack_mm` was slower);
 - with gradients (QLoRA: LoRA on a frozen quantized base), the dequantized weight through F.linear.
