@@ -57,8 +57,11 @@ def test_kl_term_is_zero_when_student_is_the_teacher():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    return distill_env(tmp_path_factory.mktemp("distill"))
+
+
+def distill_env(root) -> dict:
     """Char data, a random teacher run over its tokenizer (wider than the student), a student TOML."""
-    root = tmp_path_factory.mktemp("distill")
     data = prepare_char_data(root, CORPUS)
     vocab = load_tokenizer(data / "tokenizer.json").vocab_size
     torch.manual_seed(0)
@@ -96,7 +99,8 @@ def test_distill_pulls_the_student_towards_the_teacher_and_resumes(env):
     assert cli(["distill", "--teacher", str(env["teacher"]), "--config", config, "--quiet", "--resume",
                 "--set", "alpha=1", "--set", "temperature=1", "--set", "max_steps=40"]) == 0
     saved = json.loads((env["root"] / "student" / "config.json").read_text())
-    assert saved["distill"] == dict(teacher=str(env["teacher"]), alpha=1.0, temperature=1.0, init=None)
+    assert saved["distill"] == dict(teacher=str(env["teacher"]), alpha=1.0, temperature=1.0, init=None,
+                                    teacher_cache=None, top_k=32, cache_dtype="float16")
     rows = (env["root"] / "student" / "metrics.jsonl").read_text().splitlines()
     steps = {json.loads(line)["step"] for line in rows if "train_loss" in line}
     assert sorted(steps) == list(range(1, 41))  # resumed at step 1, not restarted
