@@ -15,16 +15,27 @@ student against the same student trained without its teacher for the same time.
    (batch 8 x 256, no grad) and greedy decode tokens/s at batch 1 (minillm.torch.generate, eager or
    with --compile), medians of --rounds alternating rounds on --threads threads; the same for random
    models of the --speed-presets shapes (gpt2-small) pruned by weight norms.
-3. Distillation: the --student shape trained by `minillm train` and by `minillm distill` (teacher =
-   the base, --distill-alpha 0.5, --distill-temperature 2) for the same --distill-seconds of training
-   each (the teacher's forward passes count: the distilled student takes fewer steps), over --seeds;
-   the final val loss (CE on the val split) of each, and whether the gap beats the seed spread.
+3. Distillation: the --student shape trained for the same --distill-seconds of training each, over
+   --seeds, one kind after the other per seed (--distill-kinds): "alone" by `minillm train`;
+   "cached" by `minillm distill --teacher-cache` (teacher = the base, --distill-alpha,
+   --distill-temperature, its top --distill-top-k log-probs per position cached once before the
+   timed runs, the build timed on its own); "live" by `minillm distill` with the teacher's forward
+   on every batch (its cost counts: the student takes fewer steps). The final val loss (CE on the
+   val split) of each, and whether a distilled kind beats "alone" by more than the seed spread.
+   `--distill-only` runs this part alone; `--reuse` reads the result of a student run already in
+   --work instead of training it again (to split the seeds over several invocations).
+   --distill-budget time stops each run at --distill-seconds of wall clock (`max_time`), which on a
+   machine shared with other jobs gives each kind whatever the others leave it. --distill-budget
+   steps (the default) instead measures each kind's seconds per optimizer step first, in
+   alternating rounds within one process (a busy machine slows them alike; medians), saves them
+   in --work, and trains each kind for the steps it takes in --distill-seconds at that rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,12 +48,16 @@ from _common import ROOT, alternate, machine
 
 from minillm.checkpoint import load_run, save_run
 from minillm.cli import main as cli
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, load_train_config
 from minillm.data.loader import BatchLoader, eval_batches, read_tokens
-from minillm.torch import prune
+from minillm.torch import prune, teacher_cache
+from minillm.torch.distill import DistillConfig, DistillTrainer
 from minillm.torch.generate import generate
 from minillm.torch.model import Transformer, model_from_params, model_params, next_token_loss
+from minillm.torch.sft import load_for_inference
+from minillm.torch.train import Trainer
 
+KINDS = ("alone", "cached", "live")  # part 3: the student without a teacher, from a cache, on the fly
 METHODS = {"magnitude-layer": ("magnitude", "layer"), "magnitude-global": ("magnitude", "global"),
            "2:4": ("2:4", "layer"), "heads": ("heads", "layer"), "channels": ("channels", "layer")}
 
@@ -65,6 +80,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distill-seconds", type=float, default=120.0)
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument("--distill-top-k", type=int, default=32)
+    p.add_argument("--distill-kinds", default="alone,cached", help="a subset of alone,cached,live")
+    p.add_argument("--distill-only", action="store_true", help="run part 3 alone")
+    p.add_argument("--distill-budget", choices=("steps", "time"), default="steps",
+                   help="equal time as measured step rates (steps) or as wall clock (time); see above")
+    p.add_argument("--reuse", action="store_true", help="keep the student runs already finished in --work")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", help="directory for the pruned and trained runs (default: a temporary one)")
@@ -74,6 +95,8 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if set(args.methods.split(",")) - set(METHODS):
         p.error(f"--methods: unknown {sorted(set(args.methods.split(',')) - set(METHODS))}")
+    if set(args.distill_kinds.split(",")) - set(KINDS) or "alone" not in args.distill_kinds.split(","):
+        p.error(f"--distill-kinds: 'alone' and any of {KINDS[1:]}, got {args.distill_kinds!r}")
     if args.quick:
         args.sparsities, args.eval_batches, args.calibration_batches = "0,0.5", 2, 2
         args.recovery_steps, args.rounds, args.distill_seconds, args.seeds = 3, 1, 10.0, "0"
@@ -216,30 +239,108 @@ class Bench:
                      params=sum(p.numel() for p in m.parameters())) for n, m in models.items()]
 
     # --- 3. distillation against the same student alone -------------------------------------------------
+    def build_cache(self) -> dict:
+        """The teacher cache of the base over the train split (timed here, not in any student's time)."""
+        a = self.args
+        cache = self.work / f"teacher-cache-T{a.distill_temperature}-k{a.distill_top_k}"
+        teacher, _ = load_for_inference(a.base)
+        # the students' block_size (256) and precision (float32, see toml)
+        wanted = teacher_cache.wanted_record(a.base, teacher, a.data, 256, a.distill_top_k,
+                                             a.distill_temperature, "float16", torch.float32)
+        start = time.perf_counter()
+        teacher_cache.open_cache(cache, teacher, wanted, batch_size=16, quiet=True)
+        record = json.loads((cache / teacher_cache.RECORD_FILE).read_text())
+        return dict(dir=str(cache), seconds=round(time.perf_counter() - start, 1), built_in=record["seconds"],
+                    rows=record["rows"], bytes=(cache / teacher_cache.CACHE_FILE).stat().st_size)
+
+    def student_argv(self, kind: str, toml: Path, cache: str | None) -> list[str]:
+        a = self.args
+        if kind == "alone":
+            return ["train", "--config", str(toml), "--quiet"]
+        argv = ["distill", "--teacher", a.base, "--config", str(toml), "--quiet",
+                "--set", f"alpha={a.distill_alpha}", "--set", f"temperature={a.distill_temperature}"]
+        cached = ["--teacher-cache", cache, "--set", f"top_k={a.distill_top_k}"]
+        return argv + (cached if kind == "cached" else [])
+
+    def student_toml(self, out: Path, student: dict, seed: int, steps: int | None) -> Path:
+        budget = dict(max_steps=steps) if steps else dict(max_steps=10**6, max_time=self.args.distill_seconds)
+        return self.toml(out, student, seed=seed, lr=3e-3, min_lr=3e-4, warmup_steps=20, schedule="wsd",
+                         **budget)
+
+    def step_seconds(self, kinds: list[str], student: dict, cache: str | None) -> dict[str, float]:
+        """Median seconds per optimizer step of each kind: 5 alternating rounds of 20 steps, each
+        kind's trainer built as its run builds it (saved in --work; reused with --reuse)."""
+        path = self.work / "step_seconds.json"
+        saved = json.loads(path.read_text()) if self.args.reuse and path.is_file() else {}
+        if all(k in saved for k in kinds):
+            return saved
+        a, trainers = self.args, {}
+        for kind in kinds:
+            cfg = load_train_config(self.student_toml(self.work / f"steptime-{kind}", student, 0, 10**6))
+            dc = DistillConfig(teacher=a.base, alpha=a.distill_alpha, temperature=a.distill_temperature,
+                               teacher_cache=cache if kind == "cached" else None, top_k=a.distill_top_k)
+            trainers[kind] = (Trainer(cfg, quiet=True) if kind == "alone"
+                              else DistillTrainer(cfg, dc, quiet=True))
+
+        def timed(trainer, steps: int) -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            return (time.perf_counter() - start) / steps
+
+        rounds = alternate({k: (lambda n, t=t: timed(t, n)) for k, t in trainers.items()}, 5, 20, 5)
+        result = {**saved, **{k: statistics.median(v) for k, v in rounds.items()}}
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(dict(step_seconds=result, rounds=rounds)), file=sys.stderr)
+        return result
+
+    def student_run(self, kind: str, seed: int, student: dict, cache: str | None, steps: int | None) -> dict:
+        """Train one student (or read a finished one, --reuse): its final val loss, steps and tokens."""
+        a = self.args
+        name = kind if kind == "alone" else f"{kind}-a{a.distill_alpha}-T{a.distill_temperature}"
+        out = self.work / f"student-{name}-{a.distill_seconds:g}s-{a.distill_budget}-{seed}"
+        if not (a.reuse and final_row(out)):
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run, not metrics appended to an old one
+            argv = self.student_argv(kind, self.student_toml(out, student, seed, steps), cache)
+            if cli(argv) != 0:
+                raise SystemExit(f"failed: minillm {' '.join(argv)}")
+        last = final_row(out)
+        return dict(val_loss=last["val_loss"], steps=last["step"], tokens=last["tokens"])
+
     def distill(self) -> dict:
+        a = self.args
         student = {**{k: v for k, v in self.config.to_dict().items() if k != "head_dim"},
-                   **{k: int(v) for k, v in (kv.split("=") for kv in self.args.student.split(","))}}
-        result: dict[str, list[float]] = {"alone": [], "distilled": []}
-        for seed in [int(s) for s in self.args.seeds.split(",")]:
-            for kind in result:
-                out = self.work / f"student-{kind}-{seed}"
-                toml = self.toml(out, student, max_steps=10**6, max_time=self.args.distill_seconds, seed=seed,
-                                 lr=3e-3, min_lr=3e-4, warmup_steps=20, schedule="wsd")
-                argv = (["train", "--config", str(toml), "--quiet"] if kind == "alone" else
-                        ["distill", "--teacher", self.args.base, "--config", str(toml), "--quiet",
-                         "--set", f"alpha={self.args.distill_alpha}",
-                         "--set", f"temperature={self.args.distill_temperature}"])
-                if cli(argv) != 0:
-                    raise SystemExit(f"failed: minillm {' '.join(argv)}")
-                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-                result[kind].append(next(r["val_loss"] for r in reversed(rows)
-                                         if r.get("val_loss") is not None))
-        summary = {k: dict(val_loss=v, mean=round(statistics.mean(v), 4),
-                           spread=round(max(v) - min(v), 4)) for k, v in result.items()}
-        gain = summary["alone"]["mean"] - summary["distilled"]["mean"]
-        spread = max(summary["alone"]["spread"], summary["distilled"]["spread"])
-        return dict(student=self.args.student, seconds=self.args.distill_seconds, **summary,
-                    gain=round(gain, 4), goal_met=gain > spread)
+                   **{k: int(v) for k, v in (kv.split("=") for kv in a.student.split(","))}}
+        kinds = a.distill_kinds.split(",")
+        cache = self.build_cache() if "cached" in kinds else None
+        cache_dir = cache and cache["dir"]
+        per_step = self.step_seconds(kinds, student, cache_dir) if a.distill_budget == "steps" else {}
+        steps = {k: round(a.distill_seconds / per_step[k]) if per_step else None for k in kinds}
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            for kind in kinds:  # one after the other per seed: the same machine state for every kind
+                runs[kind].append(self.student_run(kind, seed, student, cache_dir, steps[kind]))
+                print(json.dumps(dict(kind=kind, seed=seed, **runs[kind][-1])), file=sys.stderr)
+        summary = {}
+        for kind, rs in runs.items():
+            v = [r["val_loss"] for r in rs]
+            summary[kind] = dict(val_loss=v, mean=round(statistics.mean(v), 4),
+                                 spread=round(max(v) - min(v), 4), steps=[r["steps"] for r in rs],
+                                 tokens=[r["tokens"] for r in rs])
+        for kind in kinds[1:]:
+            gain = summary["alone"]["mean"] - summary[kind]["mean"]
+            spread = max(summary["alone"]["spread"], summary[kind]["spread"])
+            summary[kind].update(gain=round(gain, 4), goal_met=gain > spread)
+        return dict(student=a.student, seconds=a.distill_seconds, budget=a.distill_budget,
+                    step_seconds={k: round(v, 4) for k, v in per_step.items()}, alpha=a.distill_alpha,
+                    temperature=a.distill_temperature, top_k=a.distill_top_k, cache=cache, **summary)
+
+
+def final_row(run: Path) -> dict | None:
+    """The last evaluation row (step, tokens, val_loss) of a finished student run; None if none."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return next((r for r in reversed(rows) if r.get("val_loss") is not None), None)
 
 
 def main() -> None:
@@ -247,6 +348,11 @@ def main() -> None:
     bench = Bench(args)
     out_dir = bench.work if args.quick else Path(args.out_dir)  # a smoke run leaves the figures alone
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.distill_only:
+        report = dict(machine=machine(), base=args.base, distill=bench.distill())
+        (out_dir / "compress_prune_distill.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report))
+        return
     rows = bench.sweep()
     bench.plot(rows, out_dir / "compress_prune.png")
     speed = {"base": bench.speed(), **{p: bench.speed(p) for p in args.speed_presets.split(",") if p}}
