@@ -313,3 +313,25 @@ def test_a_torch_run_with_max_time_ends_at_the_budget_at_min_lr(tmp_path, data_d
     assert decaying and decaying[0]["time"] >= 0.75 * 3  # the decay took the end of the time (last 20%)
     step = max(b["time"] - a["time"] for a, b in zip(train[-4:], train[-3:]))  # one step, recently
     assert abs(train[-1]["time"] - 3.0) <= step + 0.05
+
+
+def test_a_step_slower_than_the_last_past_max_time_still_ends_at_min_lr(tmp_path, data_dir, monkeypatch):
+    """A step that takes far longer than the one before (the machine busy) crosses max_time before a
+    last step was planned: one more step, planned last, still ends the run at the floor lr."""
+    from minillm.torch.train import Trainer
+
+    train_step, started = Trainer.train_step, time.perf_counter()
+
+    def stall_once(self):
+        if not getattr(stall_once, "done", False) and time.perf_counter() - started > 1.5:
+            stall_once.done = True
+            time.sleep(2.0)  # from well before the 2 s budget's end to past it, in one step
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stall_once)
+    cfg = _config(tmp_path, data_dir, "torch", steps=100000)
+    assert cli(["train", "--config", str(cfg), "--quiet", "--set", "max_time=2", "--set", 'schedule="wsd"',
+                "--set", "min_lr=1e-4", "--set", "checkpoint_interval=0", "--set", "log_interval=1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("train_loss") is not None]
+    assert stall_once.done and train[-1]["lr"] == pytest.approx(1e-4, rel=1e-9)

@@ -125,7 +125,7 @@ def run_loop(t: Trainer) -> dict:
     time_up, last_start = False, None
     try:
         # --- budget: steps, tokens or training seconds, whichever ends first; it drives the lr ---
-        while not time_up and not _out_of_budget(t, clock):
+        while not time_up and not _out_of_budget(t, clock, running=last_start is not None):
             time_up, last_start = _plan_step(t, clock, last_start)
             loss, grad_norm = t.train_step()  # raises NonFiniteLoss before a bad update
             if t.step == 0 and t.is_main and not getattr(t, "pretrained", False):  # fine-tuning: skip
@@ -170,10 +170,14 @@ def _plan_step(t: Trainer, clock: _Clock, last_start: float | None) -> tuple[boo
     return last, now
 
 
-def _out_of_budget(t: Trainer, clock: _Clock) -> bool:
+def _out_of_budget(t: Trainer, clock: _Clock, running: bool = False) -> bool:
+    """Steps or tokens spent; or the time, checked only before this process's first step (a resumed
+    run whose budget is gone). Once running, a time budget ends at the step _plan_step made the
+    last: a step slower than the one before can pass max_time unplanned, and then one more step,
+    planned last, still ends the run at min_lr."""
     cfg = t.cfg
     return (t.step >= cfg.max_steps or (cfg.max_tokens is not None and t.tokens >= cfg.max_tokens)
-            or (cfg.max_time is not None and clock.now() >= cfg.max_time))
+            or (not running and cfg.max_time is not None and clock.now() >= cfg.max_time))
 
 
 def _check_step0(bar, loss: float, vocab_size: int) -> None:
