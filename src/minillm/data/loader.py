@@ -76,13 +76,17 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.seed, self.step = seed, 0
 
+    def draw(self, step: int, high: int) -> np.ndarray:
+        """This rank's share of the step's batch_size integers in [0, high), seeded by (seed, step)
+        alone, so a resumed run draws them again: (batch_size // world_size,)."""
+        values = np.random.default_rng([self.seed, step]).integers(0, high, size=self.batch_size)
+        per_rank = self.batch_size // self.world_size
+        return values[self.rank * per_rank : (self.rank + 1) * per_rank]
+
     def offsets(self, step: int) -> np.ndarray:
         """Start offsets of this rank's windows at `step`: (batch_size // world_size,)."""
-        rng = np.random.default_rng([self.seed, step])
         # Windows start anywhere that leaves room for x and the one-token shift of y.
-        starts = rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size)
-        per_rank = self.batch_size // self.world_size
-        return starts[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return self.draw(step, self.n_tokens - self.block_size)
 
     def next_batch(self) -> Batch:
         """The next (x, y) batch for this rank, each (batch_size // world_size, block_size) int64."""

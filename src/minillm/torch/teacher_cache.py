@@ -170,10 +170,7 @@ class GridLoader(BatchLoader):
 
     def rows(self, step: int) -> np.ndarray:
         """Grid rows of this rank's windows at `step`: (batch_size // world_size,)."""
-        rng = np.random.default_rng([self.seed, step])
-        rows = rng.integers(0, self.n_rows, size=self.batch_size)
-        per_rank = self.batch_size // self.world_size
-        return rows[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return self.draw(step, self.n_rows)
 
     def offsets(self, step: int) -> np.ndarray:
         return self.rows(step) * self.block_size
