@@ -185,11 +185,12 @@ class Int4Linear(QuantLinear):
         # sum_i x_i ((q_i - 8) s_g + z_g) = sum_g [s_g · sum_{i in g} x_i (q_i - 8) + z_g · sum_{i in g} x_i]
         G, g = self.scales.size(1), self.group_size
         xg = x.view(G, g)
+        x_sums = xg.sum(-1)  # (G,): once, not per block
 
         def rows(a: int, b: int) -> torch.Tensor:  # output rows a..b-1 -> (1, b - a)
             codes = unpack_int4(self.qweight[a:b]).view(b - a, G, g)  # fused by Inductor
             dots = (xg * (codes.to(x.dtype) - 8)).sum(-1)  # (b - a, G)
-            return ((dots * self.scales[a:b]).sum(-1) + (self.zeros[a:b] * xg.sum(-1)).sum(-1))[None]
+            return ((dots * self.scales[a:b]).sum(-1) + (self.zeros[a:b] * x_sums).sum(-1))[None]
 
         return in_row_blocks(rows, self.out_features)  # (1, out)
 
